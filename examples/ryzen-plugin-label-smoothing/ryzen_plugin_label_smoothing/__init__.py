@@ -1,0 +1,1 @@
+"""Example Ryzen plugin: label smoothing whose strength decays after each evaluation."""

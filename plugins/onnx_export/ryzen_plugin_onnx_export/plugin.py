@@ -1,0 +1,155 @@
+"""Hook implementations of the onnx plugin (entry-point name `onnx`).
+
+Heavy imports (torch, onnx, onnxruntime) happen inside the hooks: this module is imported
+whenever the `ryzen` command starts, and `ryzen plugins` must stay fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ryzen_core import hookimpl
+
+FP32_DIR, INT8_DIR = "onnx-fp32", "onnx-int8"
+
+
+class OnnxSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    int8: bool = True
+    """Also write a dynamically quantized int8 export (QInt8 MatMul/Gemm weights) next to the fp32 one."""
+    per_channel: bool = True
+    """int8: one weight scale per output column (more accurate, same speed)."""
+    reduce_range: bool = False
+    """int8: 7-bit weights; only useful on CPUs without VNNI."""
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    """onnxruntime graph optimization level of the sessions this plugin creates."""
+    threads: int | None = Field(None, gt=0)
+    """onnxruntime intra-op threads; default: one per physical core."""
+    inter_op_threads: int = Field(1, gt=0)
+    """onnxruntime inter-op threads (sessions run sequentially; a decoder graph is a chain)."""
+    opset: int = Field(18, ge=17, le=21)
+    """ONNX opset; 17 is the first with LayerNormalization."""
+    fp32_tolerance: float = Field(1e-3, gt=0)
+    """fp32 parity: max |logit difference| torch vs onnxruntime."""
+    int8_tolerance: float = Field(0.1, gt=0)
+    """int8 parity: max |logit difference| as a fraction of the largest |torch logit|."""
+    int8_min_top1: float = Field(0.9, ge=0, le=1)
+    """int8 parity: least fraction of positions whose argmax matches torch."""
+    parity_tokens: int = Field(64, ge=9)
+    """Held-out tokens per row (2 rows) for the logits check; capped by the context length."""
+    parity_new_tokens: int = Field(16, ge=1)
+    """Greedy tokens generated from an 8-token prompt per row for the generation check."""
+
+
+def export_and_check(model: Any, tokenizer: Any, export_dir: str | Path, settings: OnnxSettings | None = None,
+                     record: Any = None) -> dict[str, Any]:
+    """Export fp32 (and int8) under export_dir, check both against the torch model, return what on_export returns.
+
+    Raises ParityError when an export misses its precision's tolerance.
+    """
+    from .export import export_onnx, export_size_bytes, kv_layout, quantize_int8
+    from .parity import PROMPT_TOKENS, check_parity, parity_token_ids
+    from .runtime import OrtBackend
+
+    settings = settings or OnnxSettings()
+    record = record or (lambda event, **data: None)
+    export_dir = Path(export_dir)
+    layout = kv_layout(model)
+    n_tokens = settings.parity_tokens
+    new_tokens = settings.parity_new_tokens
+    if layout.hard_context_limit:
+        n_tokens = min(n_tokens, layout.context_length)
+        new_tokens = max(1, min(new_tokens, layout.context_length - PROMPT_TOKENS))
+    token_ids = parity_token_ids(tokenizer, n_tokens, layout.vocab_size)
+
+    directories = {"fp32": export_onnx(model, tokenizer, export_dir / FP32_DIR, opset=settings.opset)}
+    if settings.int8:
+        directories["int8"] = quantize_int8(directories["fp32"], export_dir / INT8_DIR,
+                                            per_channel=settings.per_channel, reduce_range=settings.reduce_range)
+    result: dict[str, Any] = {"exports": {}, "parity": {}, "sizes_bytes": {}, "backends": {}}
+    for precision, directory in directories.items():
+        backend = OrtBackend(directory, threads=settings.threads, graph_optimization=settings.graph_optimization,
+                             inter_op_threads=settings.inter_op_threads)
+        size = export_size_bytes(directory)
+        record("export", backend=backend.name, path=str(directory), bytes=size)
+        parity = check_parity(model, backend, token_ids, precision=precision, new_tokens=new_tokens,
+                              fp32_tolerance=settings.fp32_tolerance, int8_tolerance=settings.int8_tolerance,
+                              int8_min_top1=settings.int8_min_top1)
+        record("parity", **parity)
+        result["exports"][backend.name] = str(directory)
+        result["parity"][backend.name] = parity
+        result["sizes_bytes"][backend.name] = size
+        result["backends"][backend.name] = backend
+    return result
+
+
+@hookimpl
+def ryzen_settings():
+    return OnnxSettings
+
+
+@hookimpl
+def on_export(model, tokenizer, export_dir, settings, record):
+    return export_and_check(model, tokenizer, export_dir, settings, record)
+
+
+@hookimpl
+def load_backend(path):
+    from .export import read_manifest
+    from .runtime import OrtBackend
+
+    if path is None or read_manifest(path) is None:
+        return None
+    return OrtBackend(path)
+
+
+@hookimpl
+def register_commands(cli):
+    import click
+
+    @cli.command("generate")
+    @click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path),
+                  help="Export directory written by the onnx plugin (e.g. <run>/export/onnx-int8).")
+    @click.argument("prompt")
+    @click.option("--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True)
+    @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+                  help="0 is greedy.")
+    @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 is off.")
+    @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+    @click.pass_context
+    def generate_command(ctx, onnx_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, threads):
+        """Generate text from PROMPT with an onnx export run by onnxruntime."""
+        import torch
+
+        from ryzen_core.errors import RyzenError
+
+        from .export import read_manifest
+        from .runtime import OrtBackend
+
+        def fail(message: str) -> None:
+            click.echo(f"Error: {message}", err=True)
+            ctx.exit(2)
+
+        if not onnx_dir.is_dir():
+            fail(f"onnx export directory {onnx_dir} does not exist")
+        if read_manifest(onnx_dir) is None:
+            fail(f"{onnx_dir} is not an onnx export (no export.json written by the onnx plugin)")
+        try:
+            from ryzen_core.data import Tokenizer
+
+            tokenizer = Tokenizer.load(onnx_dir)
+            backend = OrtBackend(onnx_dir, threads=threads)
+            ids = tokenizer.encode(prompt)
+            if not ids:
+                fail("the prompt encodes to no tokens")
+            generator = torch.Generator().manual_seed(seed)
+            output = backend.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, eos_token_id=tokenizer.eos_id, generator=generator)
+        except (RyzenError, ValueError) as exc:
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        click.echo(tokenizer.decode(output[0].tolist()))

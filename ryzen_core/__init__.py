@@ -1,0 +1,33 @@
+"""Ryzen core: the hook surface, plugin host, config, trainer and validator.
+
+This is the public API plugins may import. Heavy modules (torch, transformers) load
+on first use, so `from ryzen_core import hookimpl` stays cheap.
+"""
+from importlib import import_module
+
+from .errors import CheckpointError, ConfigError, PluginError, RyzenError, TrainingError
+from .hookspecs import hookimpl, hookspec
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "RunConfig": "config", "load_config": "config",
+    "PluginHost": "plugins", "load_plugins": "plugins", "create_plugin_manager": "plugins",
+    "ForwardOutput": "forward", "reference_forward": "forward",
+    "Transformer": "models", "TransformerConfig": "models", "PRESETS": "models",
+    "generate": "models", "sample_next": "models", "lm_logits": "models", "last_hidden": "models",
+    "model_outputs": "models", "is_hf_model": "models",
+    "build_model": "models.build",
+    "prepare_data": "data", "Tokenizer": "data", "DataError": "data",
+    "Trainer": "trainer", "TrainResult": "trainer",
+    "measure_paired": "validator",
+}
+
+__all__ = ["__version__", "hookimpl", "hookspec", "RyzenError", "ConfigError", "PluginError",
+           "CheckpointError", "TrainingError", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'ryzen_core' has no attribute {name!r}")

@@ -1,0 +1,112 @@
+"""Inference backends: one interface for everything the validator measures.
+
+A backend computes logits without a cache (for perplexity and parity) and generates
+with a KV cache. The core provides the torch backend; plugins add others (the onnx
+plugin's onnxruntime backends) by returning them from `on_export` under "backends".
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from .models import generate as torch_generate
+from .models import lm_logits
+
+OnToken = Callable[[int], None]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T, V] float32 logits for every position, no cache."""
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                 on_token: OnToken | None = None) -> torch.Tensor:
+        """Prompt plus new tokens; `on_token(i)` is called right after token i is produced (0 = after prefill)."""
+
+
+GenerateFn = Callable[..., torch.Tensor]
+
+
+class TorchBackend:
+    """A torch model; `generate_fn` replaces the plain KV-cache loop (the result of the `on_infer` fold)."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "torch", generate_fn: GenerateFn | None = None):
+        self.model, self.name = model, name
+        self._generate = generate_fn or self.plain_generate
+
+    def plain_generate(self, input_ids, max_new_tokens, **sampling):
+        return torch_generate(self.model, input_ids, max_new_tokens, **sampling)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return lm_logits(self.model, input_ids).float()
+
+    def generate(self, input_ids, max_new_tokens, **sampling):
+        return self._generate(input_ids, max_new_tokens, **sampling)
+
+
+class HFGenerateBackend:
+    """A Hugging Face causal LM driven by its own `model.generate()`: what a user would run without Ryzen.
+
+    Greedy unless a temperature is given. Every step is timestamped by a `StoppingCriteria`
+    that transformers calls right after it appends each new token (the optimum-benchmark way),
+    so `on_token` means the same here as in the torch loop. transformers is imported on first use.
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str = "hf-generate"):
+        self.model, self.name = model, name
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return lm_logits(self.model, input_ids).float()
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                 on_token: OnToken | None = None) -> torch.Tensor:
+        from transformers import GenerationConfig, StoppingCriteriaList
+
+        sampling = temperature > 0.0
+        settings = dict(max_new_tokens=max_new_tokens, do_sample=sampling, use_cache=True, num_beams=1,
+                        eos_token_id=eos_token_id, bos_token_id=None,
+                        # Padding only fills rows that finished at eos; with no eos nothing is ever padded.
+                        pad_token_id=eos_token_id if eos_token_id is not None else 0)
+        if eos_token_id is None:
+            settings["min_new_tokens"] = max_new_tokens  # never stop early: every run does the same work
+        if sampling:
+            settings.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        criteria = StoppingCriteriaList([_token_stamp_criteria(on_token, input_ids.shape[1])] if on_token else [])
+        was_training = self.model.training
+        # generate() fills every field left unset from model.generation_config (a shipped eos id,
+        # repetition_penalty, ...); a blank one for the call keeps decoding exactly what was asked.
+        shipped_config = self.model.generation_config
+        self.model.generation_config = GenerationConfig()
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(enabled=sampling and generator is not None):
+                if sampling and generator is not None:
+                    # transformers samples from the global RNG; seed it from `generator` so runs repeat.
+                    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                return self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                           generation_config=GenerationConfig(**settings), stopping_criteria=criteria)
+        finally:
+            self.model.generation_config = shipped_config
+            self.model.train(was_training)
+
+
+def _token_stamp_criteria(on_token: OnToken, prompt_len: int):
+    """A transformers StoppingCriteria that reports each new token to `on_token` and never stops generation."""
+    from transformers import StoppingCriteria
+
+    class TokenStamp(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            on_token(input_ids.shape[1] - prompt_len - 1)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return TokenStamp()

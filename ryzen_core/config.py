@@ -1,0 +1,233 @@
+"""Run configuration: pydantic models with defaults for everything, loaded from YAML/JSON and --set.
+
+Each installed plugin may add a section named after it; its schema comes from the
+plugin's `ryzen_settings` hook. Every mistake is caught here, before any work starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    source: Literal["builtin", "hf"] = "builtin"
+    preset: Literal["tiny", "simple", "scaled"] = "simple"
+    # Optional overrides of the preset's sizes (built-in model only).
+    d_model: int | None = Field(None, gt=0)
+    n_heads: int | None = Field(None, gt=0)
+    n_layers: int | None = Field(None, gt=0)
+    d_ff: int | None = Field(None, gt=0)
+    context_length: int | None = Field(None, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_embeddings: bool = True
+    hf_path: Path | None = None
+    """A local directory written by save_pretrained (model.source: hf)."""
+    hf_config: Path | None = None
+    """A transformers config.json to build a fresh model from (model.source: hf)."""
+
+    @model_validator(mode="after")
+    def _hf_needs_one_origin(self):
+        if self.source == "hf":
+            if (self.hf_path is None) == (self.hf_config is None):
+                raise ValueError("model.source 'hf' needs exactly one of model.hf_path or model.hf_config")
+            if self.hf_path is not None and not (self.hf_path / "config.json").is_file():
+                raise ValueError(f"model.hf_path {self.hf_path} has no config.json")
+            if self.hf_config is not None and not self.hf_config.is_file():
+                raise ValueError(f"model.hf_config {self.hf_config} does not exist")
+        return self
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RYZEN_CACHE_DIR", Path.home() / ".cache" / "ryzen"))
+
+
+class DataConfig(Section):
+    source: str = "stdlib"
+    """'stdlib' (the running Python's standard library source), a text file, a directory, or a .jsonl file."""
+    text_field: str = "text"
+    max_documents: int | None = Field(None, gt=0)
+    vocab_size: int = Field(2048, ge=300, le=65536)
+    seq_len: int = Field(128, gt=1)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    @model_validator(mode="after")
+    def _source_exists(self):
+        if self.source != "stdlib" and not Path(self.source).exists():
+            raise ValueError(f"data.source {self.source} does not exist")
+        return self
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    max_steps: int | None = Field(300, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+    max_seconds: float | None = Field(None, gt=0)
+    eval_every: int = Field(100, gt=0)
+    eval_batches: int = Field(16, gt=0)
+    early_stop_patience: int = Field(0, ge=0)
+    """Evaluations without improvement before stopping; 0 turns early stopping off."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """'auto' uses bf16 autocast where the CPU has native bf16."""
+    max_bad_steps: int = Field(5, gt=0)
+    """Consecutive steps with NaN/inf loss or gradients before the run stops."""
+    checkpoint_every: int = Field(100, gt=0)
+    threads: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _has_budget(self):
+        if self.max_steps is None and self.max_tokens is None and self.max_seconds is None:
+            raise ValueError("train needs a budget: set max_steps, max_tokens or max_seconds")
+        return self
+
+
+class ValidateConfig(Section):
+    prompt_len: int = Field(32, gt=0)
+    new_tokens: int = Field(32, ge=2)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    warmup: int = Field(2, ge=0)
+    repeats: int = Field(7, gt=0)
+    perplexity_batches: int = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _positive_batches(self):
+        if any(b <= 0 for b in self.batch_sizes):
+            raise ValueError("validate.batch_sizes must all be positive")
+        return self
+
+
+class OutputConfig(Section):
+    dir: Path | None = None
+    """Run directory; default runs/<UTC timestamp>."""
+
+
+class RunConfig(BaseModel):
+    """Everything one run needs. Extra top-level sections are plugin settings, checked by `resolve_plugin_settings`."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True, populate_by_name=True)
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    plugins: list[str] = Field(default_factory=list)
+    """Optimization plugins to apply, in order."""
+
+    @model_validator(mode="after")
+    def _plugins_once(self):
+        repeated = sorted({n for n in self.plugins if self.plugins.count(n) > 1})
+        if repeated:
+            raise ValueError(f"plugins: '{repeated[0]}' is named more than once")
+        return self
+
+    @property
+    def plugin_sections(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+CORE_SECTIONS = {"model", "data", "train", "validate", "output", "plugins"}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as YAML (numbers, booleans, lists)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects section.key=value, got '{assignment}'")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_errors(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        detail = f" (got {got!r})" if err["type"] not in ("missing", "value_error", "extra_forbidden") and not isinstance(got, dict) else ""
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}{detail}" if loc else f"{msg}{detail}")
+    return "; ".join(parts)
+
+
+def load_config(path: Path | None = None, overrides: Sequence[str] = (), plugins: Sequence[str] | None = None) -> RunConfig:
+    """Defaults, then the file, then --set overrides, then --plugins; raises ConfigError naming each problem."""
+    data = read_config_file(path) if path else {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    if plugins is not None:
+        data["plugins"] = list(plugins)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"config error: {_format_errors(exc)}") from None
+
+
+def resolve_plugin_settings(config: RunConfig, settings_models: Mapping[str, type[BaseModel]]) -> dict[str, BaseModel | None]:
+    """Validate each plugin section against its plugin's settings model; defaults for plugins without a section."""
+    sections = config.plugin_sections
+    unknown = sorted(set(sections) - set(settings_models))
+    if unknown:
+        raise ConfigError(
+            f"config error: unknown section '{unknown[0]}' (core sections: {', '.join(sorted(CORE_SECTIONS))}; "
+            f"plugin sections: {', '.join(sorted(settings_models)) or 'none installed'})"
+        )
+    resolved: dict[str, BaseModel | None] = {}
+    for name, model in settings_models.items():
+        try:
+            resolved[name] = model.model_validate(sections.get(name) or {})
+        except ValidationError as exc:
+            raise ConfigError(f"config error: {_format_errors(exc, prefix=name + '.')}") from None
+        # Keep the validated form in the config so `config show` and reports print the effective values.
+        setattr(config, name, resolved[name].model_dump(mode="json"))
+    return resolved

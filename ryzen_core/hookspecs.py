@@ -1,0 +1,60 @@
+"""The hook surface of Ryzen. docs/plugins.md explains each hook with an example.
+
+Implementations may accept any subset of a hook's arguments. Hooks that take
+`settings` receive that plugin's own validated settings (or None), and `record`
+appends an event to the run's optimization_analysis.json.
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("ryzen")
+hookimpl = pluggy.HookimplMarker("ryzen")
+
+
+@hookspec
+def ryzen_settings():
+    """Return the pydantic model class of this plugin's settings (config section named after the plugin)."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add click commands to the `ryzen` command group."""
+
+
+@hookspec
+def on_model_load(model, config, settings, record):
+    """Called once after the model is built and before training; may modify the model in place."""
+
+
+@hookspec
+def transform_forward(forward, model, config, settings, record):
+    """Return a training forward that wraps `forward`, or None to keep it; folded in --plugins order."""
+
+
+@hookspec
+def on_train_start(model, optimizer, config, settings, record):
+    """Called after the optimizer is built, before the first step; may adjust both in place."""
+
+
+@hookspec
+def on_epoch_end(epoch, metrics, model, config, settings, record):
+    """Called after each evaluation; return a dict of the plugin's own settings it changed, or None."""
+
+
+@hookspec
+def on_train_end(model, metrics, run_dir, config, settings, record):
+    """Called once after training with the final metrics; may write files into run_dir."""
+
+
+@hookspec
+def on_infer(generate, model, config, settings, record):
+    """Return a generate function that wraps `generate`, or None to keep it; folded in --plugins order."""
+
+
+@hookspec
+def on_export(model, tokenizer, export_dir, config, settings, record):
+    """Export the trained model into export_dir; return {"exports": {name: path}, ...details} or None."""
+
+
+@hookspec(firstresult=True)
+def load_backend(path):
+    """Return an inference backend (ryzen_core.backends.Backend) for the export at `path`, or None if not yours."""

@@ -1,0 +1,245 @@
+"""Plugin discovery (stevedore), registration and calling (pluggy).
+
+stevedore finds and imports the entry points of the group `ryzen.plugins`;
+pluggy validates and calls their hooks. Hooks that depend on the user's
+`--plugins` order are called plugin by plugin here rather than broadcast,
+because pluggy neither orders implementations by our list nor chains results.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import pluggy
+from pydantic import BaseModel
+
+from . import hookspecs
+from .errors import PluginError
+
+ENTRY_POINT_GROUP = "ryzen.plugins"
+# Comma-separated names of installed plugins to load automatically; empty loads none.
+AUTOLOAD_ENV = "RYZEN_LOAD_PLUGINS"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PluginRecord:
+    """What `ryzen plugins` shows for one entry point."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    module: str | None = None
+    status: str = "loaded"  # loaded | failed | disabled
+    error: str | None = None
+    hooks: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Event:
+    """One thing a plugin (or the host on its behalf) recorded during a run."""
+
+    plugin: str
+    hook: str
+    event: str
+    data: dict[str, Any]
+
+
+def create_plugin_manager() -> pluggy.PluginManager:
+    """A fresh manager with Ryzen's hook specs; built on demand so tests and embedders get their own."""
+    pm = pluggy.PluginManager("ryzen")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _describe(exc: BaseException) -> str:
+    lines = traceback.format_exception_only(type(exc), exc)
+    return lines[-1].strip() if lines else repr(exc)
+
+
+class PluginHost:
+    """The plugins of one process: what was found, what loaded, and the calls into them."""
+
+    def __init__(self, pm: pluggy.PluginManager | None = None):
+        self.pm = pm or create_plugin_manager()
+        self.records: dict[str, PluginRecord] = {}
+        self.settings: dict[str, BaseModel | None] = {}
+        self.disabled: dict[str, str] = {}
+        self.events: list[Event] = []
+
+    # -- loading -----------------------------------------------------------------
+    def load_installed(self, names: Iterable[str] | None = None) -> None:
+        """Import the entry points of `ryzen.plugins` (all, or only `names`), recording failures."""
+        from stevedore import ExtensionManager, NamedExtensionManager
+
+        failures: list[tuple[Any, BaseException]] = []
+
+        def on_failure(_manager, entry_point, exc):
+            failures.append((entry_point, exc))
+
+        if names is None:
+            manager = ExtensionManager(ENTRY_POINT_GROUP, on_load_failure_callback=on_failure)
+        else:
+            manager = NamedExtensionManager(
+                ENTRY_POINT_GROUP, names=list(names), name_order=True,
+                on_load_failure_callback=on_failure,
+            )
+        for ext in manager:
+            if ext.name in self.records:
+                continue
+            record = self._record_for(ext.name, ext.entry_point)
+            self.register(ext.plugin, ext.name, record)
+        for entry_point, exc in failures:
+            if entry_point.name in self.records:
+                continue
+            record = self._record_for(entry_point.name, entry_point)
+            record.status, record.error = "failed", _describe(exc)
+            self.records[entry_point.name] = record
+            log.debug("plugin %s failed to load: %s", entry_point.name, record.error)
+
+    @staticmethod
+    def _record_for(name: str, entry_point) -> PluginRecord:
+        from importlib.metadata import entry_points
+
+        # stevedore's cached entry points carry no distribution; importlib.metadata's do.
+        value = getattr(entry_point, "value", None)
+        dist = next((ep.dist for ep in entry_points(group=ENTRY_POINT_GROUP)
+                     if ep.name == name and ep.value == value), None)
+        return PluginRecord(name=name, distribution=getattr(dist, "name", None),
+                            version=getattr(dist, "version", None), module=value)
+
+    def register(self, plugin: object, name: str, record: PluginRecord | None = None) -> None:
+        """Register a plugin object (a module or an instance) under `name` and validate its hooks."""
+        record = record or PluginRecord(name=name, module=getattr(plugin, "__name__", type(plugin).__name__))
+        try:
+            self.pm.register(plugin, name=name)
+            # A hook implementation whose name matches no spec is a typo, not an extension.
+            self.pm.check_pending()
+        except Exception as exc:  # a plugin with bad hooks must not take the others down
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            record.status, record.error = "failed", _describe(exc)
+        else:
+            record.hooks = sorted(
+                caller.name for caller in self.pm.get_hookcallers(plugin) or []
+            )
+            record.status = "loaded"
+        self.records[name] = record
+
+    def unregister(self, name: str) -> None:
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin)
+        self.records.pop(name, None)
+        self.settings.pop(name, None)
+
+    def require(self, names: Sequence[str]) -> None:
+        """Fail with one line if any plugin the user asked for is missing or broken."""
+        for name in names:
+            record = self.records.get(name)
+            if record is None:
+                available = ", ".join(sorted(self.loaded_names())) or "none"
+                raise PluginError(f"plugin '{name}' is not installed (installed: {available})")
+            if record.status == "failed":
+                raise PluginError(f"plugin '{name}' failed to load: {record.error}")
+
+    def loaded_names(self) -> list[str]:
+        return [n for n, r in self.records.items() if r.status == "loaded"]
+
+    # -- settings ----------------------------------------------------------------
+    def settings_models(self) -> dict[str, type[BaseModel]]:
+        """Each loaded plugin's settings class, by plugin name."""
+        models = {}
+        for impl in self.pm.hook.ryzen_settings.get_hookimpls():
+            model = impl.function()
+            if model is not None:
+                models[impl.plugin_name] = model
+        return models
+
+    # -- calling -----------------------------------------------------------------
+    def recorder(self, plugin: str, hook: str) -> Callable[..., None]:
+        def record(event: str, **data: Any) -> None:
+            self.events.append(Event(plugin, hook, event, data))
+
+        return record
+
+    def _impl(self, hook: str, plugin_name: str):
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            if impl.plugin_name == plugin_name:
+                return impl
+        return None
+
+    def _call(self, hook: str, plugin_name: str, kwargs: dict[str, Any]):
+        impl = self._impl(hook, plugin_name)
+        if impl is None:
+            return None
+        kwargs = dict(kwargs, settings=self.settings.get(plugin_name), record=self.recorder(plugin_name, hook))
+        # pluggy lets implementations take any subset of the spec's arguments.
+        return impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+
+    def active(self, names: Sequence[str]) -> list[str]:
+        return [n for n in names if n not in self.disabled]
+
+    def disable(self, name: str, hook: str, reason: str) -> None:
+        """Take a plugin out of the rest of the run and say why (the report shows it)."""
+        self.disabled[name] = f"{hook}: {reason}"
+        self.events.append(Event(name, hook, "disabled", {"reason": reason}))
+        log.warning("plugin %s disabled during %s: %s", name, hook, reason)
+
+    def call_each(self, hook: str, names: Sequence[str], fallback: bool = True, **kwargs) -> dict[str, Any]:
+        """Call `hook` on each named plugin in order; a plugin that raises is disabled when `fallback`."""
+        results = {}
+        for name in self.active(names):
+            try:
+                results[name] = self._call(hook, name, kwargs)
+            except Exception as exc:
+                if not fallback:
+                    raise
+                self.disable(name, hook, _describe(exc))
+        return results
+
+    def fold(self, hook: str, names: Sequence[str], value_arg: str, value: Any, fallback: bool = True, **kwargs) -> Any:
+        """Thread `value` through each named plugin in order: the next sees the previous one's result."""
+        for name in self.active(names):
+            try:
+                result = self._call(hook, name, dict(kwargs, **{value_arg: value}))
+            except Exception as exc:
+                if not fallback:
+                    raise
+                self.disable(name, hook, _describe(exc))
+                continue
+            if result is not None:
+                value = result
+        return value
+
+
+def autoload_names() -> list[str] | None:
+    """Names from RYZEN_LOAD_PLUGINS, or None (load every installed plugin) when it is unset."""
+    value = os.environ.get(AUTOLOAD_ENV)
+    if value is None:
+        return None
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+def load_plugins(selected: Sequence[str] = (), autoload: bool = True) -> PluginHost:
+    """Load the installed plugins (subject to RYZEN_LOAD_PLUGINS) plus every selected one."""
+    host = PluginHost()
+    names = autoload_names() if autoload else []
+    if names is None:
+        host.load_installed()
+    elif names or selected:
+        host.load_installed(list(dict.fromkeys([*names, *selected])))
+    else:
+        return host
+    missing = [n for n in selected if n not in host.records]
+    if missing:
+        # A second look for names the autoload filter kept out.
+        host.load_installed(missing)
+    return host

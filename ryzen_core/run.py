@@ -1,0 +1,205 @@
+"""The jobs behind `ryzen train` and `ryzen run`: config and plugins ready, data, training,
+evaluation and the files a run directory holds."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from .checkpoint import CONFIG_FILE, atomic_write_text
+from .config import RunConfig, load_config, resolve_plugin_settings
+from .plugins import PluginHost
+from .report import environment, markdown_table, plot_loss_curves, write_json
+
+log = logging.getLogger(__name__)
+
+
+def prepare(host: PluginHost, config_path: Path | None, overrides: Sequence[str], plugins: Sequence[str] | None,
+            out_dir: Path | None = None) -> RunConfig:
+    """Validate everything before any work: config, the selected plugins, and their settings."""
+    config = load_config(config_path, overrides, plugins)
+    missing = [n for n in config.plugins if n not in host.records]
+    if missing:
+        host.load_installed(missing)
+    host.require(config.plugins)
+    host.settings = resolve_plugin_settings(config, host.settings_models())
+    if out_dir is not None:
+        config.output.dir = out_dir
+    return config
+
+
+def config_schema(host: PluginHost) -> dict[str, Any]:
+    schema = RunConfig.model_json_schema(by_alias=True)
+    for name, model in host.settings_models().items():
+        schema.setdefault("properties", {})[name] = model.model_json_schema()
+    return schema
+
+
+def run_directory(config: RunConfig) -> Path:
+    if config.output.dir is None:
+        config.output.dir = Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = Path(config.output.dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_data(config: RunConfig):
+    from .data import prepare_data
+
+    d = config.data
+    tokenizer_dir = config.model.hf_path if config.model.source == "hf" and config.model.hf_path else None
+    return prepare_data(d.source, d.vocab_size, d.seq_len, d.cache_dir, text_field=d.text_field,
+                        max_documents=d.max_documents, tokenizer_dir=tokenizer_dir)
+
+
+def _init_distributed() -> None:
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
+def launch_distributed(nproc: int, config: RunConfig, argv: list[str]) -> int:
+    """Re-run this `ryzen train` command under torchrun with `nproc` local processes."""
+    from torch.distributed.run import main as torchrun
+
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--nproc", "--out"):
+            skip = True
+        elif not a.startswith(("--nproc=", "--out=")):
+            args.append(a)
+    # Every rank must agree on one run directory, so it is fixed here rather than per process.
+    run_dir = run_directory(config)
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "ryzen_core.cli", *args, "--out", str(run_dir)])
+    except Exception as exc:  # torchrun has already printed each worker's failure
+        from .errors import TrainingError
+
+        raise TrainingError(f"distributed training failed ({type(exc).__name__}); see the worker output above") from None
+    return 0
+
+
+def train_and_evaluate(config: RunConfig, host: PluginHost, plugins: Sequence[str], run_dir: Path, data,
+                       label: str, resume: bool = False):
+    """Train one model, then measure its test perplexity with the same fp32 yardstick as validation."""
+    from .trainer import Trainer
+
+    trainer = Trainer(config, host, plugins, run_dir, data, label=label)
+    result = trainer.fit(resume=resume)
+    test_loss = trainer.evaluate(data.test, max_batches=config.validate_.perplexity_batches)
+    summary = dict(result.summary(), test_loss=test_loss, test_perplexity=float(min(2.0 ** 64, _exp(test_loss))),
+                   unigram_perplexity=data.unigram_perplexity, tokens_per_step=trainer.tokens_per_step,
+                   flops_per_token=getattr(result.model, "flops_per_token", lambda: None)())
+    return trainer, result, summary
+
+
+def _exp(x: float) -> float:
+    import math
+
+    return math.exp(min(x, 60.0))
+
+
+def _write_training_files(run_dir: Path, runs: dict[str, Any], summaries: dict[str, dict], data) -> None:
+    write_json(run_dir / "training_metrics_report.json", {
+        "units": {"loss": "nats/token", "tokens_per_s": "input tokens per second of wall time, whole global batch",
+                  "peak_rss_mb": "MiB, process peak resident set (getrusage)", "wall_s": "seconds of training steps"},
+        "data": {"split_sizes": data.split_sizes, "unigram_perplexity": data.unigram_perplexity},
+        "runs": {label: {"summary": summaries[label], "evals": m.evals, "anomalies": m.anomalies,
+                         "adaptations": m.adaptations} for label, m in runs.items()},
+    })
+    for label, m in runs.items():
+        m.write_csv(run_dir / (f"metrics_{label}.csv" if len(runs) > 1 else "metrics.csv"))
+    plot_loss_curves(runs, run_dir / "loss_curves.png")
+
+
+def _save_model_artifacts(model, data, out: Path) -> None:
+    from .models import is_hf_model
+
+    data.tokenizer.save(out / "tokenizer")
+    if is_hf_model(model):
+        from .models import save_hf_model
+
+        save_hf_model(model, out / "hf_model")
+        data.tokenizer.save(out / "hf_model")  # self-contained: reloadable with model.hf_path
+
+
+def train_one(config: RunConfig, host: PluginHost, resume: bool = False) -> Path:
+    """`ryzen train`: one model with the selected plugins."""
+    _init_distributed()
+    run_dir = run_directory(config)
+    if not resume or not (run_dir / CONFIG_FILE).exists():
+        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.dump(), indent=2, default=str))
+    data = load_data(config)
+    trainer, result, summary = train_and_evaluate(config, host, config.plugins, run_dir, data, "train", resume)
+    if trainer.rank == 0:
+        host.call_each("on_train_end", host.active(config.plugins), model=result.model, metrics=summary,
+                       run_dir=run_dir, config=config)
+        _write_training_files(run_dir, {"train": result.metrics}, {"train": summary}, data)
+        _save_model_artifacts(result.model, data, run_dir)
+        write_json(run_dir / "optimization_analysis.json", optimization_analysis(host, config, {"train": summary}))
+    log.info("train: test perplexity %.2f (unigram baseline %.2f)", summary["test_perplexity"], data.unigram_perplexity)
+    return run_dir
+
+
+def optimization_analysis(host: PluginHost, config: RunConfig, summaries: dict[str, dict]) -> dict[str, Any]:
+    return {
+        "plugins": config.plugins,
+        "settings": {n: (s.model_dump(mode="json") if s is not None else None) for n, s in host.settings.items()
+                     if n in config.plugins},
+        "disabled": host.disabled,
+        "events": [e.__dict__ for e in host.events],
+        "adaptations": {label: s.get("adaptations") for label, s in summaries.items() if s.get("adaptations")},
+    }
+
+
+def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> Path:
+    """`ryzen run`: baseline and optimized training on the same data, seed and budget, then the comparison."""
+    run_dir = run_directory(config)
+    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.dump(), indent=2, default=str))
+    data = load_data(config)
+    variants: dict[str, list[str]] = {"baseline": []}
+    if config.plugins:
+        variants["optimized"] = list(config.plugins)
+        if ablate and len(config.plugins) > 1:
+            variants.update({f"only-{p}": [p] for p in config.plugins})
+    results, summaries = {}, {}
+    for label, plugins in variants.items():
+        out = run_dir / label
+        _, result, summary = train_and_evaluate(config, host, plugins, out, data, label)
+        summary["adaptations"] = result.metrics.adaptations
+        host.call_each("on_train_end", host.active(plugins), model=result.model, metrics=summary, run_dir=out,
+                       config=config)
+        _save_model_artifacts(result.model, data, out)
+        results[label], summaries[label] = result, summary
+    _write_training_files(run_dir, {k: r.metrics for k, r in results.items()}, summaries, data)
+    write_json(run_dir / "optimization_analysis.json", optimization_analysis(host, config, summaries))
+    env = environment(host)
+    write_json(run_dir / "environment.json", env)
+    (run_dir / "report.md").write_text(training_report(config, summaries, host, env))
+    return run_dir
+
+
+def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginHost, env: dict) -> str:
+    rows = [[label, s["steps"], s["tokens"], s["median_tokens_per_s"], s["final_val_loss"], s["test_perplexity"],
+             s["unigram_perplexity"], s["peak_rss_mb"], s["stopped_because"]] for label, s in summaries.items()]
+    lines = [
+        f"# Ryzen run: plugins {', '.join(config.plugins) or 'none'}",
+        "",
+        f"Machine: {env['cpu']['model']}, {env['cpu']['usable_cores']} usable cores, torch {env['versions']['torch']}. "
+        f"Every figure below was measured in this run.",
+        "",
+    ]
+    if host.disabled:
+        lines += ["## Plugins disabled during the run", ""]
+        lines += [f"- **{name}**: {reason}" for name, reason in host.disabled.items()] + [""]
+    lines += ["## Training", "",
+              markdown_table(["run", "steps", "tokens", "median tokens/s", "val loss", "test ppl", "unigram ppl",
+                              "peak RSS MiB", "stopped because"], rows),
+              "", "![loss curves](loss_curves.png)", ""]
+    return "\n".join(lines)
