@@ -20,7 +20,8 @@ _LAZY = {
     "build_model": "models.build",
     "prepare_data": "data", "Tokenizer": "data", "DataError": "data",
     "Trainer": "trainer", "TrainResult": "trainer",
-    "measure_paired": "validator",
+    "paired_ratios": "validator", "validate": "validator",
+    "Backend": "backends", "TorchBackend": "backends",
 }
 
 __all__ = ["__version__", "hookimpl", "hookspec", "RyzenError", "ConfigError", "PluginError",

@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import RyzenError
+from .run import prepare
 
 
 class RyzenGroup(click.Group):
@@ -85,8 +86,6 @@ def config_group():
 @click.pass_context
 def config_show(ctx, config_path, overrides, plugins, as_json):
     """Print the effective config: defaults, then the file, then --set."""
-    from .run import prepare
-
     config = prepare(_host(ctx), config_path, overrides, _split_plugins(plugins))
     data = config.dump()
     if as_json:
@@ -115,7 +114,7 @@ def config_schema(ctx):
 @click.pass_context
 def run_command(ctx, plugins, config_path, overrides, out_dir, ablate):
     """Train a baseline and an optimized model, validate both, and write a paired report."""
-    from .run import prepare, run_pipeline
+    from .run import run_pipeline
 
     host = _host(ctx)
     config = prepare(host, config_path, overrides, _split_plugins(plugins), out_dir)
@@ -135,7 +134,7 @@ def run_command(ctx, plugins, config_path, overrides, out_dir, ablate):
 @click.pass_context
 def train_command(ctx, plugins, config_path, overrides, out_dir, resume_dir, nproc):
     """Train one model (with the selected plugins) and write its checkpoint and metrics."""
-    from .run import prepare, train_one, launch_distributed
+    from .run import train_one, launch_distributed
 
     host = _host(ctx)
     if resume_dir is not None:
@@ -148,6 +147,33 @@ def train_command(ctx, plugins, config_path, overrides, out_dir, resume_dir, npr
         sys.exit(launch_distributed(nproc, config, sys.argv[1:]))
     run_dir = train_one(config, host, resume=resume_dir is not None)
     click.echo(f"Run directory: {run_dir}")
+
+
+@cli.group("bench")
+def bench_group():
+    """Benchmarks: paired, interleaved measurements in one process."""
+
+
+@bench_group.command("train")
+@plugins_option
+@config_option
+@set_option
+@click.option("--rounds", type=click.IntRange(min=2), default=7, show_default=True, help="Timed rounds per side.")
+@click.option("--steps", "steps_per_round", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Optimizer steps per round.")
+@click.option("--json-out", type=click.Path(path_type=Path), help="Also write the result as JSON here.")
+@click.pass_context
+def bench_train_command(ctx, plugins, config_path, overrides, rounds, steps_per_round, json_out):
+    """Training tokens/s and model FLOPs utilization; with --plugins, paired against the baseline."""
+    from .bench import bench_train, train_bench_markdown
+    from .report import write_json
+
+    host = _host(ctx)
+    config = prepare(host, config_path, overrides, _split_plugins(plugins))
+    result = bench_train(config, host, config.plugins, rounds, steps_per_round)
+    if json_out:
+        write_json(json_out, result)
+    click.echo(train_bench_markdown(result, config))
 
 
 def build_cli(host) -> click.Group:

@@ -21,7 +21,7 @@ def register_commands(cli):
 
 
 @hookspec
-def on_model_load(model, config, settings, record):
+def on_model_load(model, tokenizer, config, settings, record):
     """Called once after the model is built and before training; may modify the model in place."""
 
 
@@ -46,7 +46,7 @@ def on_train_end(model, metrics, run_dir, config, settings, record):
 
 
 @hookspec
-def on_infer(generate, model, config, settings, record):
+def on_infer(generate, model, tokenizer, config, settings, record):
     """Return a generate function that wraps `generate`, or None to keep it; folded in --plugins order."""
 
 

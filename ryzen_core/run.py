@@ -158,6 +158,14 @@ def optimization_analysis(host: PluginHost, config: RunConfig, summaries: dict[s
     }
 
 
+TRAINING_HOOKS = ("on_model_load", "transform_forward", "on_train_start", "on_epoch_end")
+
+
+def changes_training(host: PluginHost, plugins: Sequence[str]) -> bool:
+    return any(impl.plugin_name in plugins for hook in TRAINING_HOOKS
+               for impl in getattr(host.pm.hook, hook).get_hookimpls())
+
+
 def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> Path:
     """`ryzen run`: baseline and optimized training on the same data, seed and budget, then the comparison."""
     run_dir = run_directory(config)
@@ -170,6 +178,11 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
             variants.update({f"only-{p}": [p] for p in config.plugins})
     results, summaries = {}, {}
     for label, plugins in variants.items():
+        if plugins and not changes_training(host, plugins):
+            # Same seed, data and forward as the baseline: training again would give the same weights.
+            host.recorder("core", "run")("training_shared", variant=label, reason="no selected plugin changes training")
+            results[label], summaries[label] = results["baseline"], dict(summaries["baseline"], shared_with="baseline")
+            continue
         out = run_dir / label
         _, result, summary = train_and_evaluate(config, host, plugins, out, data, label)
         summary["adaptations"] = result.metrics.adaptations
@@ -177,22 +190,65 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
                        config=config)
         _save_model_artifacts(result.model, data, out)
         results[label], summaries[label] = result, summary
-    _write_training_files(run_dir, {k: r.metrics for k, r in results.items()}, summaries, data)
+    trained = {k: r for k, r in results.items() if "shared_with" not in summaries[k]}
+    _write_training_files(run_dir, {k: r.metrics for k, r in trained.items()}, summaries, data)
+    validation = validate_variants(config, host, results, variants, data, run_dir)
     write_json(run_dir / "optimization_analysis.json", optimization_analysis(host, config, summaries))
     env = environment(host)
     write_json(run_dir / "environment.json", env)
-    (run_dir / "report.md").write_text(training_report(config, summaries, host, env))
+    (run_dir / "report.md").write_text(training_report(config, summaries, host, env, validation))
     return run_dir
 
 
-def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginHost, env: dict) -> str:
+def validate_variants(config: RunConfig, host: PluginHost, results: dict, variants: dict[str, list[str]], data,
+                      run_dir: Path) -> dict[str, Any]:
+    """Every trained variant and every export, measured in one interleaved session against torch eager."""
+    from .backends import HFGenerateBackend, TorchBackend
+    from .models import is_hf_model
+    from .validator import plot_validation, validate
+
+    baseline_model = results["baseline"].model
+    backends: dict[str, Any] = {"torch": TorchBackend(baseline_model, "torch")}
+    if is_hf_model(baseline_model):
+        backends["hf-generate"] = HFGenerateBackend(baseline_model)
+    for label, plugins in variants.items():
+        if not plugins:
+            continue
+        backend = TorchBackend(results[label].model, label)
+        generate_fn = host.fold("on_infer", host.active(plugins), "generate", backend.plain_generate,
+                                model=results[label].model, tokenizer=data.tokenizer, config=config)
+        if generate_fn is not backend.plain_generate or results[label] is not results["baseline"]:
+            backends[f"torch-{label}"] = TorchBackend(results[label].model, f"torch-{label}", generate_fn)
+    final = "optimized" if "optimized" in variants else "baseline"
+    exports = host.call_each("on_export", host.active(variants[final]), model=results[final].model,
+                             tokenizer=data.tokenizer, export_dir=run_dir / "export", config=config)
+    for plugin, result in exports.items():
+        for name, path in ((result or {}).get("exports") or {}).items():
+            backend = host.pm.hook.load_backend(path=Path(path))
+            if backend is None:
+                host.disable(plugin, "load_backend", f"no plugin can load the export {path}")
+            else:
+                backends[name] = backend
+    report = validate(backends, "torch", data.test, config.validate_, data.test,
+                      perplexity_batch_size=config.train.batch_size)
+    report["exports"] = exports
+    write_json(run_dir / "inference_validation_report.json", report)
+    plot_validation(report, run_dir / "inference_validation.png")
+    return report
+
+
+def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginHost, env: dict,
+                    validation: dict[str, Any] | None = None) -> str:
+    from .validator import validation_markdown
+
     rows = [[label, s["steps"], s["tokens"], s["median_tokens_per_s"], s["final_val_loss"], s["test_perplexity"],
-             s["unigram_perplexity"], s["peak_rss_mb"], s["stopped_because"]] for label, s in summaries.items()]
+             s["unigram_perplexity"], s["peak_rss_mb"], s.get("shared_with") and f"same as {s['shared_with']}"
+             or s["stopped_because"]] for label, s in summaries.items()]
     lines = [
         f"# Ryzen run: plugins {', '.join(config.plugins) or 'none'}",
         "",
-        f"Machine: {env['cpu']['model']}, {env['cpu']['usable_cores']} usable cores, torch {env['versions']['torch']}. "
-        f"Every figure below was measured in this run.",
+        f"Machine: {env['cpu']['model']}, {env['cpu']['usable_cores']} usable cores, torch {env['versions']['torch']}, "
+        f"onnxruntime {env['versions']['onnxruntime']}. Every figure below was measured in this run.",
         "",
     ]
     if host.disabled:
@@ -202,4 +258,7 @@ def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginH
               markdown_table(["run", "steps", "tokens", "median tokens/s", "val loss", "test ppl", "unigram ppl",
                               "peak RSS MiB", "stopped because"], rows),
               "", "![loss curves](loss_curves.png)", ""]
+    if validation is not None:
+        lines += [validation_markdown(validation), "",
+                  "![inference](inference_validation.png)", ""]
     return "\n".join(lines)

@@ -95,7 +95,7 @@ class Trainer:
             torch.set_num_threads(self.tc.threads)
         torch.manual_seed(self.tc.seed)  # same init for the baseline and every optimized run
         self.model = build_model(config.model, data.tokenizer.vocab_size)
-        self.host.call_each("on_model_load", self.plugins, model=self.model, config=config)
+        self.host.call_each("on_model_load", self.plugins, model=self.model, tokenizer=data.tokenizer, config=config)
         self.reference = reference_forward(self.model)
         self.forward = self._fold_forward()
         self.optimizer = build_optimizer(self.model, self.tc)
@@ -169,7 +169,7 @@ class Trainer:
         self.host.disable(name, "transform_forward", reason)
         self.forward = self._fold_forward()
 
-    def _train_step(self) -> None:
+    def train_step(self) -> None:
         start = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -333,7 +333,7 @@ class Trainer:
         log_every = max(1, (self.total_steps or 100) // 10)
         stopped = self._done()
         while stopped is None:
-            self._train_step()
+            self.train_step()
             row = self.metrics.steps[-1]
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")

@@ -132,7 +132,6 @@ def paired_ratios(run_a: Callable[[], float], run_b: Callable[[], float], warmup
     return compare_pairs(values_a, values_b, higher_is_better, better, worse)
 
 
-measure_paired = paired_ratios  # the name `ryzen_core` exports
 
 
 # ----------------------------------------------------------------------------- timing one generation

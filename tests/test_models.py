@@ -87,7 +87,8 @@ def test_parameter_count_matches_hand_computation():
     untied = tiny_model(tie_embeddings=False)
     assert untied.num_parameters() == non_embedding + 2 * vocab * d + ctx * d
     assert untied.num_parameters(non_embedding=True) == non_embedding
-    assert tied.flops_per_token() == 6 * non_embedding + 12 * layers * d * ctx
+    assert tied.flops_per_token() == 6 * (non_embedding + vocab * d) + 12 * layers * d * ctx
+    assert untied.flops_per_token() == tied.flops_per_token()  # the head matmul costs the same either way
 
 
 def test_tied_embeddings_share_storage_untied_do_not():

@@ -136,3 +136,31 @@ def test_core_does_not_import_plugins():
            "print([m for m in sys.modules if m.startswith('ryzen_plugin')])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_on_infer_wraps_the_generation_the_validator_times():
+    import torch
+
+    from ryzen_core.backends import TorchBackend
+    from ryzen_core.models import Transformer, TransformerConfig
+
+    calls = []
+
+    class CountingInfer:
+        @hookimpl
+        def on_infer(self, generate):
+            def counted(input_ids, max_new_tokens, **sampling):
+                calls.append(max_new_tokens)
+                return generate(input_ids, max_new_tokens, **sampling)
+
+            return counted
+
+    host = PluginHost()
+    host.register(CountingInfer(), "counting")
+    model = Transformer(TransformerConfig(vocab_size=32, d_model=16, n_heads=2, n_layers=1, d_ff=32, context_length=16))
+    plain = TorchBackend(model)
+    backend = TorchBackend(model, "wrapped", host.fold("on_infer", ["counting"], "generate", plain.plain_generate,
+                                                        model=model, tokenizer=None, config=None))
+    prompt = torch.randint(0, 32, (1, 4))
+    assert torch.equal(backend.generate(prompt, 3), plain.generate(prompt, 3))
+    assert calls == [3]

@@ -8,7 +8,9 @@ weights' values), exports it, then runs torch and each onnxruntime export interl
 Decode tokens/s counts the tokens after the first (the first comes from the prefill):
 (new_tokens - 1) / (time of last token - time of first token). Each round gives one
 ratio per backend against the torch run of the same round; the table reports the median
-of those ratios with their min-max.
+of those ratios with their min-max. Runs are separated by a short pause: torch's OpenMP
+workers and onnxruntime's workers both spin for a moment after their work ends, and on
+2 cores that spin would be charged to whichever backend runs next.
 """
 from __future__ import annotations
 
@@ -49,11 +51,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=7, help="measured rounds (after one warm-up round)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pause", type=float, default=0.2, help="seconds between runs (lets spinning pools park)")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = parser.parse_args()
 
+    import warnings
+
     import onnxruntime
+
+    warnings.filterwarnings("ignore")  # exporter deprecation chatter; the table is the output
 
     from ryzen_core.models import Transformer, TransformerConfig
     from ryzen_core.models import generate as torch_generate
@@ -79,6 +86,7 @@ def main() -> None:
         speeds: dict[str, list[float]] = {name: [] for name in runners}
         for round_index in range(args.pairs + 1):
             for name, run in runners.items():
+                time.sleep(args.pause)
                 speed = decode_tokens_per_s(run, prompt, args.new_tokens)
                 if round_index > 0:  # round 0 warms caches and thread pools
                     speeds[name].append(speed)
@@ -87,7 +95,8 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {args.threads} threads; torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}")
     print(f"model: built-in '{args.preset}' preset, vocab {config.vocab_size}, {params / 1e6:.2f}M parameters; "
-          f"batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, {args.pairs} rounds")
+          f"batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, {args.pairs} rounds "
+          f"(+1 warm-up), {args.pause}s pause between runs")
     print()
     print("| backend | decode tok/s (median) | min-max tok/s | speed vs torch (median of per-round ratios) "
           "| ratio min-max | file size |")

@@ -225,14 +225,16 @@ class Transformer(nn.Module):
         return total
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token (forward + backward), Kaplan/PaLM estimate:
+        """Training FLOPs per token (forward + backward), Kaplan/PaLM estimate plus the LM head:
 
-            6 * N_nonembedding + 12 * n_layers * d_model * context_length
+            6 * (N_nonembedding + vocab * d_model) + 12 * n_layers * d_model * context_length
 
-        6N: each non-embedding weight costs a multiply-add (2 FLOPs) forward and twice
-        that backward. The second term is the QK^T and attention-times-V matmuls, which
-        have no weights, over a full context. Embedding lookups are free; the LM head
-        matmul is left out, as in the reference formula.
+        6N: each weight in a matmul costs a multiply-add (2 FLOPs) forward and twice that
+        backward. The LM head is a real matmul whether or not it is tied; for small-vocab
+        models leaving it out (as Kaplan does) would understate the work by a third. The
+        last term is the QK^T and attention-times-V matmuls over a full context.
+        Embedding lookups are free.
         """
         cfg = self.config
-        return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.n_layers * cfg.d_model * cfg.context_length
+        matmul_params = self.num_parameters(non_embedding=True) + cfg.vocab_size * cfg.d_model
+        return 6 * matmul_params + 12 * cfg.n_layers * cfg.d_model * cfg.context_length

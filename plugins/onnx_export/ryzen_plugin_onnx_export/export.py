@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ FORMAT = "ryzen-onnx"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "export.json"
+# 18 is the oldest opset the dynamo exporter writes natively; asking for 17 goes through a
+# version converter that produces an invalid Split node.
 DEFAULT_OPSET = 18
 # Above this many parameter bytes the weights go to model.onnx.data: protobuf caps a
 # single message at 2 GiB.
@@ -183,11 +186,17 @@ def empty_past(layout: KVLayout, batch: int) -> list[torch.Tensor]:
 def _quiet_exporter():
     # The exporter logs one warning per missing torchvision op on every call; they are
     # irrelevant to language models and drown the run log.
+    # Two warnings are expected on every export and say nothing about this model: the
+    # past_len/batch axes shared by several inputs "will not be used" as names (they are
+    # used once), and a pytree deprecation inside torch.export.
     registration_logger = logging.getLogger("torch.onnx._internal.exporter._registration")
     previous = registration_logger.level
     registration_logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
     finally:
         registration_logger.setLevel(previous)
 
@@ -208,6 +217,13 @@ def _export_graph(wrapper: nn.Module, layout: KVLayout, path: Path, opset: int, 
             input_names=layout.input_names(), output_names=layout.output_names(),
             dynamic_shapes=dynamic_shapes, external_data=external_data, optimize=True, verbose=False,
         )
+
+
+def _written_opset(path: Path) -> int:
+    import onnx
+
+    graph_model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in graph_model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def _parameter_bytes(model: nn.Module) -> int:
@@ -268,7 +284,7 @@ def export_onnx(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, opset:
     was_training = inner.training
     inner.eval()
     try:
-        _export_graph(kv_wrapper(inner, layout), layout, out_dir / MODEL_FILE, opset, external_data)
+        _export_graph(kv_wrapper(inner, layout).eval(), layout, out_dir / MODEL_FILE, opset, external_data)
     finally:
         inner.train(was_training)
     if tokenizer is not None:
@@ -281,7 +297,7 @@ def export_onnx(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, opset:
         "eos_token_id": getattr(tokenizer, "eos_id", None),
         "input_names": layout.input_names(),
         "output_names": layout.output_names(),
-        "opset": opset,
+        "opset": _written_opset(out_dir / MODEL_FILE),
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         "external_data": external_data,
         "tokenizer": tokenizer is not None,

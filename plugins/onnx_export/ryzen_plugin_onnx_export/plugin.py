@@ -30,8 +30,10 @@ class OnnxSettings(BaseModel):
     """onnxruntime intra-op threads; default: one per physical core."""
     inter_op_threads: int = Field(1, gt=0)
     """onnxruntime inter-op threads (sessions run sequentially; a decoder graph is a chain)."""
-    opset: int = Field(18, ge=17, le=21)
-    """ONNX opset; 17 is the first with LayerNormalization."""
+    allow_spinning: bool = True
+    """onnxruntime workers spin between steps (faster decode; set False when torch runs alongside)."""
+    opset: int = Field(18, ge=18, le=21)
+    """ONNX opset (18-21 tested; the dynamo exporter writes 18 natively and 17 comes out invalid)."""
     fp32_tolerance: float = Field(1e-3, gt=0)
     """fp32 parity: max |logit difference| torch vs onnxruntime."""
     int8_tolerance: float = Field(0.1, gt=0)
@@ -72,7 +74,7 @@ def export_and_check(model: Any, tokenizer: Any, export_dir: str | Path, setting
     result: dict[str, Any] = {"exports": {}, "parity": {}, "sizes_bytes": {}, "backends": {}}
     for precision, directory in directories.items():
         backend = OrtBackend(directory, threads=settings.threads, graph_optimization=settings.graph_optimization,
-                             inter_op_threads=settings.inter_op_threads)
+                             inter_op_threads=settings.inter_op_threads, allow_spinning=settings.allow_spinning)
         size = export_size_bytes(directory)
         record("export", backend=backend.name, path=str(directory), bytes=size)
         parity = check_parity(model, backend, token_ids, precision=precision, new_tokens=new_tokens,

@@ -15,12 +15,15 @@ from .export import MODEL_FILE, ExportError, read_manifest
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
-def session_options(threads: int | None = None, graph_optimization: str = "all", inter_op_threads: int = 1):
+def session_options(threads: int | None = None, graph_optimization: str = "all", inter_op_threads: int = 1,
+                    allow_spinning: bool = True):
     """onnxruntime SessionOptions from the plugin's settings.
 
     threads=None lets onnxruntime use one intra-op thread per physical core. Sequential
     execution with one inter-op thread suits a decoder: its graph is a chain, so parallel
-    branches buy nothing and would compete with the intra-op pool.
+    branches buy nothing and would compete with the intra-op pool. Spinning idle workers
+    make each decode step faster but burn the cores for a moment after every run, which
+    slows torch code running right after in the same process; turn it off when mixing.
     """
     import onnxruntime as ort
 
@@ -37,6 +40,7 @@ def session_options(threads: int | None = None, graph_optimization: str = "all",
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     options.log_severity_level = 3  # errors only: shape-inference chatter is not actionable
     return options
 
@@ -50,7 +54,7 @@ class OrtBackend:
     """
 
     def __init__(self, export_dir: str | os.PathLike, threads: int | None = None, graph_optimization: str = "all",
-                 inter_op_threads: int = 1):
+                 inter_op_threads: int = 1, allow_spinning: bool = True):
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
@@ -76,7 +80,7 @@ class OrtBackend:
         if not model_path.is_file():
             raise ExportError(f"{self.export_dir} has export.json but no {MODEL_FILE}")
         self.session = ort.InferenceSession(
-            str(model_path), sess_options=session_options(threads, graph_optimization, inter_op_threads),
+            str(model_path), sess_options=session_options(threads, graph_optimization, inter_op_threads, allow_spinning),
             providers=["CPUExecutionProvider"],
         )
 

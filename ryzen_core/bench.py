@@ -1,0 +1,118 @@
+"""`ryzen bench train`: training throughput and model FLOPs utilization, measured as paired
+rounds (baseline steps, then candidate steps, repeated) in one process.
+
+Peak FLOP/s is computed, not looked up: usable cores x clock x FLOPs per cycle per core,
+where FLOPs per cycle follow from the widest vector unit the CPU reports. The numbers of
+FMA units per core is not visible from software; we assume 2 for AVX-512 cores and 2 for
+AVX2 cores (true of current server parts) and say so in every report.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+
+from .config import RunConfig
+from .plugins import PluginHost
+from .validator import compare_pairs, summarize
+
+FMA_UNITS = 2
+AMX_BF16_FLOPS_PER_CYCLE = 1024  # one AMX tile unit: 16x32 bf16 dot products per cycle (Intel's figure)
+
+
+def peak_flops() -> dict[str, Any]:
+    """Theoretical peak FLOP/s of the cores this process may use, fp32 and bf16, with the assumptions."""
+    import os
+
+    import cpuinfo
+
+    info = cpuinfo.get_cpu_info()
+    flags = set(info.get("flags", []))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    hz = (info.get("hz_actual") or info.get("hz_advertised") or [0])[0]
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    fp32_per_cycle = 2 * lanes * FMA_UNITS  # an FMA is 2 FLOPs per lane
+    if {"amx_bf16", "amx_tile"} <= flags:
+        bf16_per_cycle, bf16_unit = AMX_BF16_FLOPS_PER_CYCLE, "AMX-BF16"
+    elif "avx512_bf16" in flags or "avx512bf16" in flags:
+        bf16_per_cycle, bf16_unit = 2 * fp32_per_cycle, "AVX-512 BF16 (vdpbf16ps: 2 products per fp32 lane)"
+    else:
+        bf16_per_cycle, bf16_unit = fp32_per_cycle, "none (bf16 runs at the fp32 rate at best)"
+    return {
+        "cores": cores, "clock_hz": hz, "vector_lanes_fp32": lanes, "fma_units_assumed": FMA_UNITS,
+        "fp32_flops": cores * hz * fp32_per_cycle, "bf16_flops": cores * hz * bf16_per_cycle,
+        "bf16_unit": bf16_unit,
+        "formula": "cores x clock x FLOPs/cycle; fp32 FLOPs/cycle = 2 (FMA) x lanes x FMA units",
+    }
+
+
+def bench_train(config: RunConfig, host: PluginHost, plugins: Sequence[str], rounds: int, steps_per_round: int,
+                warmup_rounds: int = 1) -> dict[str, Any]:
+    """Baseline and candidate trainers on the same data, timed in alternating rounds of optimizer steps."""
+    from .run import load_data
+    from .trainer import Trainer
+
+    data = load_data(config)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        trainers = {"baseline": Trainer(config, host, [], scratch, data, label="baseline")}
+        if plugins:
+            trainers["candidate"] = Trainer(config, host, list(plugins), scratch, data, label="candidate")
+        times: dict[str, list[float]] = {k: [] for k in trainers}
+        for r in range(warmup_rounds + rounds):
+            for label, trainer in trainers.items():
+                start = time.perf_counter()
+                for _ in range(steps_per_round):
+                    trainer.train_step()
+                if r >= warmup_rounds:
+                    times[label].append(time.perf_counter() - start)
+        val_loss = {label: t.evaluate() for label, t in trainers.items()}
+    tokens = trainers["baseline"].tokens_per_step * steps_per_round
+    model = trainers["baseline"].model
+    flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else None
+    peak = peak_flops()
+    result: dict[str, Any] = {"peak": peak, "tokens_per_round": tokens, "steps_per_round": steps_per_round,
+                              "rounds": rounds, "warmup_rounds": warmup_rounds, "flops_per_token": flops_per_token,
+                              "torch_threads": torch.get_num_threads(), "runs": {}}
+    for label, trainer in trainers.items():
+        rates = [tokens / t for t in times[label]]
+        run = {"plugins": trainer.plugins, "disabled": dict(host.disabled), "tokens_per_s": summarize(rates),
+               "val_loss_after": val_loss[label], "autocast_bf16": trainer.autocast}
+        if flops_per_token:
+            achieved = flops_per_token * run["tokens_per_s"]["p50"]
+            run["mfu_fp32_peak"] = achieved / peak["fp32_flops"]
+            run["mfu_bf16_peak"] = achieved / peak["bf16_flops"]
+        result["runs"][label] = run
+    if plugins:
+        result["speedup"] = compare_pairs([tokens / t for t in times["baseline"]],
+                                          [tokens / t for t in times["candidate"]], higher_is_better=True).to_dict()
+    return result
+
+
+def train_bench_markdown(result: dict[str, Any], config: RunConfig) -> str:
+    from .report import cpu_description, markdown_table
+
+    peak = result["peak"]
+    rows = []
+    for label, run in result["runs"].items():
+        t = run["tokens_per_s"]
+        rows.append([label, ",".join(run["plugins"]) or "-", t["p50"], f"{t['min']:.0f}-{t['max']:.0f}",
+                     run.get("mfu_fp32_peak"), run.get("mfu_bf16_peak"), run["val_loss_after"]])
+    lines = [
+        f"Training throughput, preset {config.model.preset}, batch {config.train.batch_size} x "
+        f"{config.data.seq_len} tokens, {result['rounds']} rounds of {result['steps_per_round']} steps per side "
+        f"after {result['warmup_rounds']} warm-up round, interleaved.",
+        f"Machine: {cpu_description()['model']}, {peak['cores']} cores at {peak['clock_hz'] / 1e9:.2f} GHz; "
+        f"peak fp32 {peak['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16_flops'] / 1e9:.0f} GFLOP/s "
+        f"({peak['bf16_unit']}; {peak['fma_units_assumed']} FMA units per core assumed).",
+        "",
+        markdown_table(["run", "plugins", "tokens/s p50", "tokens/s range", "MFU vs fp32 peak", "MFU vs bf16 peak",
+                        "val loss after"], rows),
+    ]
+    if "speedup" in result:
+        s = result["speedup"]
+        lines += ["", f"Speedup (median of per-round ratios): {s['median_ratio']:.3f}x, "
+                      f"IQR [{s['p25']:.3f}, {s['p75']:.3f}], verdict: {s['verdict']}."]
+    return "\n".join(lines)
