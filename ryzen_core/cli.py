@@ -176,6 +176,26 @@ def bench_train_command(ctx, plugins, config_path, overrides, rounds, steps_per_
     click.echo(train_bench_markdown(result, config))
 
 
+@bench_group.command("infer")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@set_option
+@click.option("--json-out", type=click.Path(path_type=Path), help="Also write the report as JSON here.")
+@click.pass_context
+def bench_infer_command(ctx, run_dir, overrides, json_out):
+    """Validate the models and exports of an earlier run again: latency, throughput, memory, perplexity."""
+    from .checkpoint import saved_run_config
+    from .report import write_json
+    from .run import bench_inference
+    from .validator import validation_markdown
+
+    host = _host(ctx)
+    config = prepare(host, saved_run_config(run_dir), overrides, None)
+    report = bench_inference(run_dir, host, config)
+    if json_out:
+        write_json(json_out, report)
+    click.echo(validation_markdown(report))
+
+
 def build_cli(host) -> click.Group:
     """Let every loaded plugin add its commands; a plugin that raises here is disabled, not fatal."""
     host.call_each("register_commands", host.loaded_names(), cli=cli)

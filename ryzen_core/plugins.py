@@ -59,7 +59,7 @@ def create_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     lines = traceback.format_exception_only(type(exc), exc)
     return lines[-1].strip() if lines else repr(exc)
 
@@ -100,7 +100,7 @@ class PluginHost:
             if entry_point.name in self.records:
                 continue
             record = self._record_for(entry_point.name, entry_point)
-            record.status, record.error = "failed", _describe(exc)
+            record.status, record.error = "failed", describe_error(exc)
             self.records[entry_point.name] = record
             log.debug("plugin %s failed to load: %s", entry_point.name, record.error)
 
@@ -125,7 +125,7 @@ class PluginHost:
         except Exception as exc:  # a plugin with bad hooks must not take the others down
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
-            record.status, record.error = "failed", _describe(exc)
+            record.status, record.error = "failed", describe_error(exc)
         else:
             record.hooks = sorted(
                 caller.name for caller in self.pm.get_hookcallers(plugin) or []
@@ -202,7 +202,7 @@ class PluginHost:
             except Exception as exc:
                 if not fallback:
                     raise
-                self.disable(name, hook, _describe(exc))
+                self.disable(name, hook, describe_error(exc))
         return results
 
     def fold(self, hook: str, names: Sequence[str], value_arg: str, value: Any, fallback: bool = True, **kwargs) -> Any:
@@ -213,7 +213,7 @@ class PluginHost:
             except Exception as exc:
                 if not fallback:
                     raise
-                self.disable(name, hook, _describe(exc))
+                self.disable(name, hook, describe_error(exc))
                 continue
             if result is not None:
                 value = result

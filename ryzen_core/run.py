@@ -262,3 +262,34 @@ def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginH
         lines += [validation_markdown(validation), "",
                   "![inference](inference_validation.png)", ""]
     return "\n".join(lines)
+
+
+def bench_inference(run_dir: Path, host: PluginHost, config: RunConfig) -> dict[str, Any]:
+    """`ryzen bench infer`: validate the trained models and exports of an earlier run again, without training."""
+    from .backends import HFGenerateBackend, TorchBackend
+    from .checkpoint import latest_checkpoint, load_weights
+    from .errors import CheckpointError
+    from .models import is_hf_model
+    from .models.build import build_model
+    from .validator import validate
+
+    data = load_data(config)
+    backends: dict[str, Any] = {}
+    variants = [d for d in sorted(run_dir.iterdir()) if latest_checkpoint(d) is not None] if run_dir.is_dir() else []
+    if latest_checkpoint(run_dir) is not None:
+        variants = [run_dir]
+    if not variants:
+        raise CheckpointError(f"{run_dir} holds no trained model (no training_checkpoint/LATEST)")
+    for variant in variants:
+        model = build_model(config.model, data.tokenizer.vocab_size)
+        load_weights(model, latest_checkpoint(variant))
+        name = "torch" if not backends else f"torch-{variant.name}"
+        backends[name] = TorchBackend(model, name)
+        if name == "torch" and is_hf_model(model):
+            backends["hf-generate"] = HFGenerateBackend(model)
+    for export in sorted((run_dir / "export").glob("*")) if (run_dir / "export").is_dir() else []:
+        backend = host.pm.hook.load_backend(path=export)
+        if backend is not None:
+            backends[backend.name] = backend
+    return validate(backends, "torch", data.test, config.validate_, data.test,
+                    perplexity_batch_size=config.train.batch_size)

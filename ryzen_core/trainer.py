@@ -29,7 +29,7 @@ from .errors import TrainingError
 from .forward import Forward, reference_forward
 from .metrics import MetricsCollector
 from .models.build import build_model
-from .plugins import PluginHost, _describe
+from .plugins import Event, PluginHost, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class Trainer:
                 culprit = self._blame(x, y)
                 if culprit is None:
                     raise
-                self._disable_and_refold(culprit, f"forward raised {_describe(exc)}")
+                self._disable_and_refold(culprit, f"forward raised {describe_error(exc)}")
                 loss = self._run_forward(self.forward, x, y).loss
             if not torch.isfinite(loss):
                 culprit = self._blame(x, y)
@@ -303,8 +303,6 @@ class Trainer:
         self.best_val = state["best_val"] if state["best_val"] is not None else math.inf
         self.evals_since_best = state["evals_since_best"]
         self.metrics = MetricsCollector.from_state(state["metrics"])
-        from .plugins import Event
-
         self.host.events = [Event(**e) for e in state["events"]]
         for name, reason in state["disabled"].items():
             self.host.disabled[name] = reason
@@ -327,24 +325,26 @@ class Trainer:
         if resume:
             self.resume()
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.label, unit="step",
                    disable=not interactive() or self.rank != 0, dynamic_ncols=True)
         log_every = max(1, (self.total_steps or 100) // 10)
         stopped = self._done()
-        while stopped is None:
-            self.train_step()
-            row = self.metrics.steps[-1]
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if bar.disable and self.rank == 0 and (self.step % log_every == 0 or self.step == 1):
-                log.info("%s step %d/%s loss %.4f lr %.2e %.0f tok/s", self.label, self.step,
-                         self.total_steps or "?", row["loss"], row["lr"], row["tokens_per_s"])
-            stopped = self._done()
-            if self.step % self.tc.eval_every == 0 or stopped:
-                if self._evaluate_and_adapt() and stopped is None:
-                    stopped = f"early stopping (no improvement in {self.tc.early_stop_patience} evaluations)"
-            if self.step % self.tc.checkpoint_every == 0 or stopped:
-                self.save()
+        with logging_redirect_tqdm():  # log lines print above the bar instead of breaking it
+            while stopped is None:
+                self.train_step()
+                row = self.metrics.steps[-1]
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if bar.disable and self.rank == 0 and (self.step % log_every == 0 or self.step == 1):
+                    log.info("%s step %d/%s loss %.4f lr %.2e %.0f tok/s", self.label, self.step,
+                             self.total_steps or "?", row["loss"], row["lr"], row["tokens_per_s"])
+                stopped = self._done()
+                if self.step % self.tc.eval_every == 0 or stopped:
+                    if self._evaluate_and_adapt() and stopped is None:
+                        stopped = f"early stopping (no improvement in {self.tc.early_stop_patience} evaluations)"
+                if self.step % self.tc.checkpoint_every == 0 or stopped:
+                    self.save()
         bar.close()
         return TrainResult(self.model, self.metrics, stopped, self.run_dir, self.plugins, dict(self.host.disabled))

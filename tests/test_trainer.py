@@ -197,3 +197,11 @@ def test_hf_llama_trains_from_a_config_and_saves_pretrained(ryzen, tmp_path):
     again = ryzen("train", *tiny_sets("model.source=hf", f"model.hf_path={out / 'hf_model'}"),
                   "--out", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr
+
+
+def test_early_stopping_ends_training_when_validation_stops_improving(cache_dir, tmp_path):
+    # A learning rate this small cannot move validation loss by the 1e-4 that counts as improvement.
+    trainer, result = train(cache_dir, tmp_path, extra=["train.lr=1e-9", "train.max_steps=60", "train.eval_every=2",
+                                                        "train.early_stop_patience=2"])
+    assert result.stopped_because == "early stopping (no improvement in 2 evaluations)"
+    assert len(result.metrics.steps) == 6  # evaluations at 2 (best), 4 and 6 (no improvement twice)
