@@ -54,6 +54,9 @@ def cli(ctx: click.Context, verbose: bool):
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if not verbose:  # libraries' info lines (exporters, loaders) drown ours; keep only their warnings
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("ryzen"))
 
 
 @cli.command("plugins")

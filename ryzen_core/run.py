@@ -214,17 +214,20 @@ def validate_variants(config: RunConfig, host: PluginHost, results: dict, varian
     for label, plugins in variants.items():
         if not plugins:
             continue
-        backend = TorchBackend(results[label].model, label)
-        generate_fn = host.fold("on_infer", host.active(plugins), "generate", backend.plain_generate,
+        plain = TorchBackend(results[label].model, label).plain_generate
+        generate_fn = host.fold("on_infer", host.active(plugins), "generate", plain,
                                 model=results[label].model, tokenizer=data.tokenizer, config=config)
-        if generate_fn is not backend.plain_generate or results[label] is not results["baseline"]:
+        if generate_fn is not plain or results[label] is not results["baseline"]:
             backends[f"torch-{label}"] = TorchBackend(results[label].model, f"torch-{label}", generate_fn)
     final = "optimized" if "optimized" in variants else "baseline"
     exports = host.call_each("on_export", host.active(variants[final]), model=results[final].model,
                              tokenizer=data.tokenizer, export_dir=run_dir / "export", config=config)
     for plugin, result in exports.items():
-        for name, path in ((result or {}).get("exports") or {}).items():
-            backend = host.pm.hook.load_backend(path=Path(path))
+        result = result or {}
+        # A plugin may hand over live backends; otherwise any plugin may load the export from disk.
+        live = result.pop("backends", None) or {}
+        for name, path in (result.get("exports") or {}).items():
+            backend = live.get(name) or host.pm.hook.load_backend(path=Path(path))
             if backend is None:
                 host.disable(plugin, "load_backend", f"no plugin can load the export {path}")
             else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -33,6 +34,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def busy_jiffies() -> int:
+    """CPU time all processes spent busy (user, nice, system, irq, softirq, steal), in clock ticks."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return user + nice + system + irq + softirq + steal
 
 
 def decode_tokens_per_s(generate, prompt: torch.Tensor, new_tokens: int) -> float:
@@ -84,12 +92,18 @@ def main() -> None:
         runners = {"torch": lambda ids, n, **kw: torch_generate(model, ids, n, **kw)}
         runners.update({name: backend.generate for name, backend in backends.items()})
         speeds: dict[str, list[float]] = {name: [] for name in runners}
+        # Other processes on the machine steal cores from both backends; report how much.
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy_before, own_before, wall_before = busy_jiffies(), os.times(), time.perf_counter()
         for round_index in range(args.pairs + 1):
             for name, run in runners.items():
                 time.sleep(args.pause)
                 speed = decode_tokens_per_s(run, prompt, args.new_tokens)
                 if round_index > 0:  # round 0 warms caches and thread pools
                     speeds[name].append(speed)
+        own_after = os.times()
+        own_cpu = (own_after.user + own_after.system) - (own_before.user + own_before.system)
+        other_cores = max(0.0, (busy_jiffies() - busy_before) / ticks - own_cpu) / (time.perf_counter() - wall_before)
 
     params = model.num_parameters()
     print(f"machine: {cpu_model()}, {args.threads} threads; torch {torch.__version__}, "
@@ -97,6 +111,7 @@ def main() -> None:
     print(f"model: built-in '{args.preset}' preset, vocab {config.vocab_size}, {params / 1e6:.2f}M parameters; "
           f"batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, {args.pairs} rounds "
           f"(+1 warm-up), {args.pause}s pause between runs")
+    print(f"other processes used {other_cores:.2f} cores on average during the rounds")
     print()
     print("| backend | decode tok/s (median) | min-max tok/s | speed vs torch (median of per-round ratios) "
           "| ratio min-max | file size |")
@@ -110,6 +125,7 @@ def main() -> None:
               f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} | {size} |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_model(),
+                                         "other_processes_cores": other_cores,
                                          "results": summary, "sizes_bytes": sizes}, indent=2) + "\n")
 
 

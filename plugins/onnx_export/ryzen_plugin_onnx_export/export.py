@@ -206,7 +206,9 @@ def _export_graph(wrapper: nn.Module, layout: KVLayout, path: Path, opset: int, 
 
     # Sizes >= 2 so that torch.export keeps every axis symbolic (see the module docstring).
     example_batch, example_seq, example_past = 2, 3, 2
-    input_ids = torch.randint(0, layout.vocab_size, (example_batch, example_seq))
+    # A private generator: exporting must not advance the caller's global RNG.
+    input_ids = torch.randint(0, layout.vocab_size, (example_batch, example_seq),
+                              generator=torch.Generator().manual_seed(0))
     past = tuple(torch.zeros(example_batch, layout.kv_heads, example_past, layout.head_dim)
                  for _ in range(2 * layout.layers))
     batch, seq, past_len = Dim("batch"), Dim("seq"), Dim("past_len")
@@ -351,8 +353,8 @@ def quantize_int8(fp32_dir: str | Path, out_dir: str | Path, *, per_channel: boo
     Weights of MatMul/Gemm become QInt8 (symmetric), activations are quantized to uint8
     per call at run time. Defaults, for CPUs with VNNI (AVX-512 VNNI or AVX-VNNI):
       * per_channel=True: one scale per output column keeps small-norm columns from being
-        flushed by the tensor-wide max; it costs nothing at run time (the scale vector is
-        applied once to the int32 accumulator).
+        flushed by the tensor-wide max (the scales are applied to the int32 accumulator,
+        where a vector costs no more than a scalar).
       * reduce_range=False: 7-bit weights only help on CPUs without VNNI, where the
         u8 x s8 multiply-add (VPMADDUBSW) can saturate its int16 intermediate; VNNI
         accumulates straight to int32, so the 8th bit is free accuracy.

@@ -8,13 +8,15 @@ Two measurements on held-out token ids:
 Tolerances are tiered by precision:
   * fp32: max abs diff <= fp32_tolerance (default 1e-3; the two runtimes differ only by
     float summation order, ~1e-6 on logits of a few units) and greedy tokens identical.
-  * int8: max abs diff <= int8_tolerance x max |torch logit| (default 0.25) and top-1
+  * int8: max abs diff <= int8_tolerance x max |torch logit| (default 0.1) and top-1
     agreement >= int8_min_top1 (default 0.9). Dynamic int8 rounds every weight to 1/254
     of its column's range and every activation row to 1/255 of its range; those errors
-    add up over the layers to a few percent of the logit scale (measured 1-3% on the
-    models in the README), so 25% leaves room for deeper models while a wrong or
-    corrupted weight moves logits by the order of the logit scale itself. Greedy
-    agreement is reported, not enforced: one flipped near-tie changes every later token.
+    add up over the layers. Measured on this repo's tiny models (built-in and Llama,
+    random and briefly trained) the largest logit error was 0.3-3.3% of the largest
+    logit, so 10% leaves 3x headroom for deeper models, while a wrong or corrupted
+    weight moves logits by the order of the logit scale itself. Top-1 agreement was
+    0.97-1.0 there; 0.9 tolerates a few near-ties flipping. Greedy agreement is
+    reported, not enforced: one flipped near-tie changes every later token.
 """
 from __future__ import annotations
 

@@ -30,8 +30,9 @@ class OnnxSettings(BaseModel):
     """onnxruntime intra-op threads; default: one per physical core."""
     inter_op_threads: int = Field(1, gt=0)
     """onnxruntime inter-op threads (sessions run sequentially; a decoder graph is a chain)."""
-    allow_spinning: bool = True
-    """onnxruntime workers spin between steps (faster decode; set False when torch runs alongside)."""
+    allow_spinning: bool = False
+    """Let onnxruntime workers spin between steps. Off by default: spinning workers keep the cores busy after
+    each run and slow the torch run measured next to it, which would bias the paired comparison."""
     opset: int = Field(18, ge=18, le=21)
     """ONNX opset (18-21 tested; the dynamo exporter writes 18 natively and 17 comes out invalid)."""
     fp32_tolerance: float = Field(1e-3, gt=0)

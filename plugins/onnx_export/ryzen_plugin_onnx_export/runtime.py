@@ -16,7 +16,7 @@ GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def session_options(threads: int | None = None, graph_optimization: str = "all", inter_op_threads: int = 1,
-                    allow_spinning: bool = True):
+                    allow_spinning: bool = False):
     """onnxruntime SessionOptions from the plugin's settings.
 
     threads=None lets onnxruntime use one intra-op thread per physical core. Sequential
@@ -54,7 +54,7 @@ class OrtBackend:
     """
 
     def __init__(self, export_dir: str | os.PathLike, threads: int | None = None, graph_optimization: str = "all",
-                 inter_op_threads: int = 1, allow_spinning: bool = True):
+                 inter_op_threads: int = 1, allow_spinning: bool = False):
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
