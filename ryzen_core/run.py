@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -177,6 +178,7 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
         if ablate and len(config.plugins) > 1:
             variants.update({f"only-{p}": [p] for p in config.plugins})
     results, summaries = {}, {}
+    sections: list[tuple[str, str, str]] = []  # (plugin, variant, markdown) that plugins add to report.md
     for label, plugins in variants.items():
         if plugins and not changes_training(host, plugins):
             # Same seed, data and forward as the baseline: training again would give the same weights.
@@ -186,8 +188,10 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
         out = run_dir / label
         _, result, summary = train_and_evaluate(config, host, plugins, out, data, label)
         summary["adaptations"] = result.metrics.adaptations
-        host.call_each("on_train_end", host.active(plugins), model=result.model, metrics=summary, run_dir=out,
-                       config=config)
+        ended = host.call_each("on_train_end", host.active(plugins), model=result.model, metrics=summary,
+                               run_dir=out, config=config)
+        sections += [(plugin, label, r["report_markdown"]) for plugin, r in ended.items()
+                     if isinstance(r, dict) and isinstance(r.get("report_markdown"), str)]
         _save_model_artifacts(result.model, data, out)
         results[label], summaries[label] = result, summary
     trained = {k: r for k, r in results.items() if "shared_with" not in summaries[k]}
@@ -196,7 +200,7 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
     write_json(run_dir / "optimization_analysis.json", optimization_analysis(host, config, summaries))
     env = environment(host)
     write_json(run_dir / "environment.json", env)
-    (run_dir / "report.md").write_text(training_report(config, summaries, host, env, validation))
+    (run_dir / "report.md").write_text(training_report(config, summaries, host, env, validation, sections))
     return run_dir
 
 
@@ -241,7 +245,7 @@ def validate_variants(config: RunConfig, host: PluginHost, results: dict, varian
 
 
 def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginHost, env: dict,
-                    validation: dict[str, Any] | None = None) -> str:
+                    validation: dict[str, Any] | None = None, sections: Sequence[tuple[str, str, str]] = ()) -> str:
     from .validator import validation_markdown
 
     rows = [[label, s["steps"], s["tokens"], s["median_tokens_per_s"], s["final_val_loss"], s["test_perplexity"],
@@ -264,6 +268,10 @@ def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginH
     if validation is not None:
         lines += [validation_markdown(validation), "",
                   "![inference](inference_validation.png)", ""]
+    for plugin, variant, markdown in sections:
+        # Plugins write paths relative to their variant's directory; report.md sits one level up.
+        markdown = re.sub(r"(!\[[^\]]*\]\()(?![a-z]+:|/)", rf"\1{variant}/", markdown)
+        lines += [f"## {plugin} ({variant})", "", markdown.strip(), ""]
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ def test_example_plugin_is_discovered_and_its_hooks_run_in_order(ryzen, example_
                  "report.md", "loss_curves.png", "inference_validation.png", "metrics_baseline.csv",
                  "metrics_optimized.csv"):
         assert (out / name).is_file(), name
+    assert "## smoothing (optimized)\n\nLabel smoothing ended at 0.05" in (out / "report.md").read_text()
     training = json.loads((out / "training_metrics_report.json").read_text())["runs"]
     # Label smoothing changes the training loss, so the two runs must differ.
     assert training["baseline"]["summary"]["final_train_loss"] != training["optimized"]["summary"]["final_train_loss"]

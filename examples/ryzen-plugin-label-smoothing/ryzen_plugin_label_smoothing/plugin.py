@@ -68,3 +68,5 @@ def on_train_end(metrics, run_dir, settings, record):
     summary = {"final_amount": settings.amount, "final_val_loss": metrics.get("final_val_loss")}
     Path(run_dir, "label_smoothing.json").write_text(json.dumps(summary, indent=2))
     record("train_ended", **summary)
+    return {"report_markdown": f"Label smoothing ended at {settings.amount:g} "
+                               f"(validation loss {summary['final_val_loss']:.4f})."}
