@@ -149,10 +149,12 @@ def train_one(config: RunConfig, host: PluginHost, resume: bool = False) -> Path
 
 
 def optimization_analysis(host: PluginHost, config: RunConfig, summaries: dict[str, dict]) -> dict[str, Any]:
+    final = summaries.get("optimized", summaries.get("train", {}))
+    current = {n: s.model_dump(mode="json") for n, s in host.settings.items() if n in config.plugins and s is not None}
     return {
         "plugins": config.plugins,
-        "settings": {n: (s.model_dump(mode="json") if s is not None else None) for n, s in host.settings.items()
-                     if n in config.plugins},
+        "settings": final.get("plugin_settings") or current,
+        "settings_by_variant": {label: s["plugin_settings"] for label, s in summaries.items() if "plugin_settings" in s},
         "disabled": host.disabled,
         "events": [e.__dict__ for e in host.events],
         "adaptations": {label: s.get("adaptations") for label, s in summaries.items() if s.get("adaptations")},
@@ -179,7 +181,10 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
             variants.update({f"only-{p}": [p] for p in config.plugins})
     results, summaries = {}, {}
     sections: list[tuple[str, str, str]] = []  # (plugin, variant, markdown) that plugins add to report.md
+    initial_settings = dict(host.settings)
     for label, plugins in variants.items():
+        # on_epoch_end adapts settings in place; every variant starts from the configured values.
+        host.settings = {n: s.model_copy(deep=True) if s is not None else None for n, s in initial_settings.items()}
         if plugins and not changes_training(host, plugins):
             # Same seed, data and forward as the baseline: training again would give the same weights.
             host.recorder("core", "run")("training_shared", variant=label, reason="no selected plugin changes training")
@@ -193,6 +198,8 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
         sections += [(plugin, label, r["report_markdown"]) for plugin, r in ended.items()
                      if isinstance(r, dict) and isinstance(r.get("report_markdown"), str)]
         _save_model_artifacts(result.model, data, out)
+        summary["plugin_settings"] = {n: s.model_dump(mode="json") for n, s in host.settings.items()
+                                      if n in plugins and s is not None}
         results[label], summaries[label] = result, summary
     trained = {k: r for k, r in results.items() if "shared_with" not in summaries[k]}
     _write_training_files(run_dir, {k: r.metrics for k, r in trained.items()}, summaries, data)

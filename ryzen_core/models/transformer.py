@@ -208,7 +208,8 @@ class Transformer(nn.Module):
         for layer_index, block in enumerate(self.blocks):
             layer_past = None if past_key_values is None else past_key_values[layer_index]
             x, present = block(x, layer_past)
-            presents.append(present)
+            if use_cache:  # holding presents otherwise keeps every layer's qkv output alive until backward
+                presents.append(present)
 
         hidden = self.norm_final(x)
         logits = self.lm_head(hidden)

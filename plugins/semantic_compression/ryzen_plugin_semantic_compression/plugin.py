@@ -1,20 +1,115 @@
-"""Hook implementations of the compression plugin (entry-point name `compression`)."""
+"""Hook implementations of the compression plugin (entry-point name `compression`).
+
+- on_model_load: top-k sparse feed-forward activations (TopKMLP) when a sparsity is asked for.
+- transform_forward: the Matryoshka nested loss, and compressed saved activations.
+- on_epoch_end: moves sparsity and the saved-activation level toward their targets while
+  validation loss stays within tolerance; reverts and freezes a knob that broke it.
+- on_train_end: measures what each technique bought on this model (evaluation.py).
+- on_infer: decoding with the LM head on a truncated hidden state (`lm_head_dims`).
+- register_commands: `ryzen embed` and `ryzen search`.
+
+torch is imported inside the hooks: this module loads whenever `ryzen` starts.
+"""
 from __future__ import annotations
 
-from typing import Literal
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ryzen_core import hookimpl
 
-from .saved_activations import compressed_saved_activations
+Level = Literal["off", "bf16", "int8"]
+LEVEL_ORDER = ("off", "bf16", "int8")
 
 
 class CompressionSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
-    saved_activations: Literal["off", "bf16"] = "bf16"
-    """Precision of the tensors autograd keeps for backward during training."""
+    # 1. Matryoshka representation learning
+    matryoshka: bool = True
+    """Add the nested loss over prefixes of the final hidden state."""
+    matryoshka_divisors: list[int] = Field(default_factory=lambda: [16, 8, 4, 2, 1], min_length=1)
+    """Prefix sizes as d / divisor (d = hidden size); 1 is the full width."""
+    matryoshka_weights: list[float] | None = None
+    """One weight per divisor (same order). Default: the full width weighs as much as all smaller prefixes
+    together (equal weights cost much more full-width quality; see the README)."""
+    matryoshka_token_stride: int = Field(1, ge=1)
+    """Estimate the prefix losses on every N-th position only: each costs a full logits matrix, and a
+    stride of 4 cut that cost but raised validation loss (README)."""
+    lm_head_dims: int | None = Field(None, gt=0)
+    """Decode (on_infer) with the LM head on only the first N hidden dimensions."""
+
+    # 3. Sparse activations
+    sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of feed-forward hidden activations zeroed per token (top-k keeps the rest); the current value."""
+    sparsity_target: float = Field(0.0, ge=0.0, lt=1.0)
+    """on_epoch_end raises `sparsity` toward this while validation loss stays within tolerance."""
+    sparsity_step: float = Field(0.125, gt=0.0, le=1.0)
+    """How far one on_epoch_end change moves `sparsity`."""
+
+    # 4. Compressed saved activations
+    saved_activations: Level = "bf16"
+    """Precision of the tensors autograd keeps for backward; the current value."""
+    saved_activations_target: Level = "bf16"
+    """on_epoch_end moves `saved_activations` toward this level, one level per evaluation."""
+
+    val_loss_tolerance: float = Field(0.02, ge=0.0)
+    """A change is kept while validation loss <= best so far * (1 + tolerance); otherwise it is reverted."""
+
+    # What on_train_end measures
+    evaluate: bool = True
+    """on_train_end measures every technique on the trained model (and the run's baseline) and reports it."""
+    retrieval_sources: list[str] = Field(default_factory=lambda: ["stdlib-functions", "stdlib-code-halves"],
+                                         min_length=1)
+    """Retrieval sets for the trained models: 'stdlib-functions' (docstring -> source), 'stdlib-code-halves'
+    (first half of a function -> second half), or .jsonl files of query/document pairs. MiniLM uses the first."""
+    retrieval_pairs: int | None = Field(None, gt=0)
+    """Cap on the pairs per retrieval set (a fixed hash-chosen subset); default all."""
+    minilm: bool = True
+    """Also evaluate all-MiniLM-L6-v2 when the `minilm` extra is installed (skipped with a reason otherwise)."""
+    rescore_multiplier: int = Field(4, ge=1)
+    """Binary search shortlists k * this many documents for rescoring."""
+    sparsity_levels: list[float] = Field(default_factory=lambda: [0.5, 0.75, 0.875, 0.9375])
+    """Sparsities at which test perplexity is measured after training."""
+    perplexity_batches: int = Field(8, gt=0)
+    """Test batches (train.batch_size rows) per perplexity figure."""
+    decode_new_tokens: int = Field(48, ge=2)
+    """Greedy tokens per timed batch-1 generation (capped by the context)."""
+    decode_repeats: int = Field(7, gt=0)
+    """Interleaved A/B pairs per decode-speed comparison."""
+    decode_threads: int | None = Field(1, gt=0)
+    """Intra-op threads for the decode-speed comparisons (None: torch's current setting)."""
+    memory_batch_size: int | None = Field(None, gt=0)
+    """Batch of the saved-activation memory measurement; default train.batch_size."""
+    memory_repeats: int = Field(3, gt=0)
+    """Interleaved off/level pairs of that measurement (the peak is deterministic; repeats show it is)."""
+
+    @field_validator("saved_activations", "saved_activations_target", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML (config files and --set) reads a bare `off` as the boolean False.
+        return "off" if value is False else value
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_divisors):
+            raise ValueError("matryoshka_weights needs one weight per matryoshka_divisors entry")
+        if self.matryoshka_weights is not None and (any(w < 0 for w in self.matryoshka_weights)
+                                                    or sum(self.matryoshka_weights) <= 0):
+            raise ValueError("matryoshka_weights must be non-negative with a positive sum")
+        if any(not 0.0 <= s < 1.0 for s in self.sparsity_levels):
+            raise ValueError("sparsity_levels must lie in [0, 1)")
+        return self
+
+    @property
+    def uses_sparsity(self) -> bool:
+        return self.sparsity > 0 or self.sparsity_target > 0
+
+
+def _settings(settings: CompressionSettings | None) -> CompressionSettings:
+    return settings if settings is not None else CompressionSettings()
 
 
 @hookimpl
@@ -23,15 +118,156 @@ def ryzen_settings():
 
 
 @hookimpl
-def transform_forward(forward, settings, record):
-    if settings.saved_activations == "off":
-        return None
-    import torch
+def on_model_load(model, settings, record):
+    settings = _settings(settings)
+    if not settings.uses_sparsity:
+        return
+    from .sparse import apply_topk
 
-    record("saved_activations", dtype=settings.saved_activations)
+    layers = apply_topk(model, settings.sparsity)
+    record("sparse_activations", layers=len(layers), width=layers[0].width, k=layers[0].k,
+           sparsity=settings.sparsity, target=settings.sparsity_target)
+
+
+@hookimpl
+def transform_forward(forward, model, settings, record):
+    settings = _settings(settings)
+    from .matryoshka import matryoshka_loss, nested_weights, output_head
+    from .saved_activations import compressed_saved_activations
+    from .sparse import apply_topk, topk_layers
+
+    if settings.uses_sparsity and topk_layers(model):
+        apply_topk(model, settings.sparsity)  # after a resume the restored setting is the current one
+    head = output_head(model) if settings.matryoshka else None
+    if head is not None:
+        sizes, weights = nested_weights(head.in_features, settings.matryoshka_divisors, settings.matryoshka_weights)
+        record("matryoshka", prefix_sizes=sizes, weights=weights, token_stride=settings.matryoshka_token_stride)
+    record("saved_activations", level=settings.saved_activations, target=settings.saved_activations_target)
 
     def compressed_forward(input_ids, targets):
-        with compressed_saved_activations(torch.bfloat16):
-            return forward(input_ids, targets)
+        # The level is read per call, so on_epoch_end's changes apply from the next step on.
+        with compressed_saved_activations(settings.saved_activations, model):
+            out = forward(input_ids, targets)
+            if head is None:
+                return out
+            if out.hidden is None:
+                raise ValueError("the forward returned no hidden state for the Matryoshka loss")
+            return out.with_loss(matryoshka_loss(out.hidden, head, targets, out.loss, sizes, weights,
+                                                  settings.matryoshka_token_stride))
 
     return compressed_forward
+
+
+# ----------------------------------------------------------------------------- adaptation
+
+
+@dataclass
+class Adaptation:
+    """What on_epoch_end remembers between evaluations of one training run."""
+
+    best_val: float = math.inf
+    pending: tuple[str, Any] | None = None
+    """(setting, value before the change) awaiting the next evaluation's verdict."""
+    frozen: set[str] = field(default_factory=set)
+
+
+def _evaluations_left(config, metrics: dict) -> bool | None:
+    """Whether another evaluation follows this one (None when the budget is only time)."""
+    train = config.train
+    step = metrics["step"]
+    tokens_per_step = metrics["tokens"] / max(step, 1)
+    budgets = [b for b in (train.max_steps, train.max_tokens and math.ceil(train.max_tokens / tokens_per_step)) if b]
+    if not budgets:
+        return None
+    return step + train.eval_every <= min(budgets)
+
+
+def _next_level(current: str, target: str) -> str:
+    i, j = LEVEL_ORDER.index(current), LEVEL_ORDER.index(target)
+    return LEVEL_ORDER[i + (1 if j > i else -1)]
+
+
+def _apply(model, settings: CompressionSettings, name: str, value) -> None:
+    setattr(settings, name, value)
+    if name == "sparsity":
+        from .sparse import apply_topk
+
+        apply_topk(model, value)
+
+
+@hookimpl
+def on_epoch_end(epoch, metrics, model, config, settings, record):
+    """One change per evaluation, judged at the next: kept if validation loss stays within
+    tolerance of the best so far, else reverted and that knob frozen for the rest of the run."""
+    settings = _settings(settings)
+    state: Adaptation = model.__dict__.setdefault("_compression_adaptation", Adaptation())
+    val = float(metrics["val_loss"])
+    limit = state.best_val * (1.0 + settings.val_loss_tolerance)
+    changes: dict[str, Any] = {}
+    if state.pending is not None:
+        name, previous = state.pending
+        state.pending = None
+        if val > limit:
+            new_value = getattr(settings, name)
+            _apply(model, settings, name, previous)
+            state.frozen.add(name)
+            changes[name] = previous
+            record("reverted", epoch=epoch, setting=name, tried=new_value, back_to=previous, val_loss=val,
+                   limit=limit, reason="validation loss above tolerance")
+            return changes
+    state.best_val = min(state.best_val, val)
+    if _evaluations_left(config, metrics) is False:
+        return None  # a change now would never be validated
+    name, value = None, None
+    if "sparsity" not in state.frozen and settings.sparsity < settings.sparsity_target:
+        name, value = "sparsity", min(settings.sparsity_target, round(settings.sparsity + settings.sparsity_step, 6))
+    elif "saved_activations" not in state.frozen and settings.saved_activations != settings.saved_activations_target:
+        name, value = "saved_activations", _next_level(settings.saved_activations, settings.saved_activations_target)
+    if name is None:
+        return None
+    previous = getattr(settings, name)
+    _apply(model, settings, name, value)
+    state.pending = (name, previous)
+    record("adapting", epoch=epoch, setting=name, previous=previous, value=value, val_loss=val,
+           best_val_loss=state.best_val, tolerance=settings.val_loss_tolerance)
+    return {name: value}
+
+
+# ----------------------------------------------------------------------------- inference and the report
+
+
+@hookimpl
+def on_infer(generate, model, settings, record):
+    settings = _settings(settings)
+    if settings.lm_head_dims is None:
+        return None
+    from .matryoshka import truncated_head
+
+    dims = settings.lm_head_dims
+    record("truncated_head_decode", dims=dims)
+
+    def generate_truncated(input_ids, max_new_tokens, **sampling):
+        with truncated_head(model, dims):
+            return generate(input_ids, max_new_tokens, **sampling)
+
+    return generate_truncated
+
+
+@hookimpl
+def on_train_end(model, metrics, run_dir, config, settings, record):
+    from .sparse import save_sparsity
+
+    settings = _settings(settings)
+    save_sparsity(model, run_dir)
+    if not settings.evaluate:
+        return
+    from .run_report import evaluate_run
+
+    evaluate_run(model, run_dir, config, settings, record)
+
+
+@hookimpl
+def register_commands(cli):
+    from .commands import add_commands
+
+    add_commands(cli)

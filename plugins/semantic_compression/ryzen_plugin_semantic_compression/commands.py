@@ -1,0 +1,121 @@
+"""`ryzen embed` builds a compressed index from a text collection; `ryzen search` queries it and
+reports how much of the float32 index's answer the compressed search recovers."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from .retrieval import STDLIB_CODE_HALVES, STDLIB_FUNCTIONS
+
+SEARCH_METHODS = ("binary-rescore", "binary", "int8", "float32")
+
+
+def _collection(source: str, text_field: str, max_documents: int | None) -> tuple[list[str], list[str]]:
+    """(ids, texts) of a collection: a built-in stdlib set's documents, or a file/directory/.jsonl."""
+    if source in (STDLIB_FUNCTIONS, STDLIB_CODE_HALVES):
+        from .retrieval import load_retrieval_set
+
+        rset = load_retrieval_set(source, max_documents)
+        return rset.document_ids, rset.documents
+    from ryzen_core.data import load_documents
+
+    documents = load_documents(source, text_field=text_field, max_documents=max_documents)
+    return [d.id for d in documents], [d.text for d in documents]
+
+
+def add_commands(cli: click.Group) -> None:
+    @cli.command("embed")
+    @click.argument("source")
+    @click.option("--model", "model_spec", default="minilm", show_default=True,
+                  help="'minilm' (all-MiniLM-L6-v2 from the minilm extra), a sentence-transformers/transformers "
+                       "encoder directory, or a Ryzen run directory (its trained LM, mean-pooled).")
+    @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+                  help="Index directory to write.")
+    @click.option("--dims", type=click.IntRange(min=1), default=None,
+                  help="Keep only this Matryoshka prefix of each embedding.")
+    @click.option("--text-field", default="text", show_default=True, help="Field holding the text in a .jsonl source.")
+    @click.option("--max-documents", type=click.IntRange(min=1), default=None)
+    @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+    def embed_command(source, model_spec, out_dir, dims, text_field, max_documents, batch_size):
+        """Embed the documents of SOURCE and write float32, int8 and binary indexes.
+
+        SOURCE is 'stdlib-functions' or 'stdlib-code-halves' (functions of the held-out stdlib
+        files), a text file, a directory of .txt/.md/.py files, or a .jsonl file.
+        """
+        from .embedders import load_embedder
+        from .quantization import QuantizedIndex, save_index
+
+        ids, texts = _collection(source, text_field, max_documents)
+        embedder = load_embedder(model_spec, batch_size)
+        if dims is not None and dims > embedder.dim:
+            raise click.BadParameter(f"{dims} exceeds the model's {embedder.dim} dimensions", param_hint="--dims")
+        started = time.perf_counter()
+        embeddings = embedder.encode(texts)
+        elapsed = time.perf_counter() - started
+        index = QuantizedIndex.build(embeddings, center=embedder.center, dims=dims)
+        spec = model_spec if model_spec == "minilm" else str(Path(model_spec).resolve())
+        save_index(index, out_dir, {"model": spec, "model_name": embedder.name, "full_dim": embedder.dim,
+                                    "source": source})
+        with open(out_dir / "documents.jsonl", "w", encoding="utf-8") as handle:
+            for doc_id, text in zip(ids, texts):
+                handle.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+        sizes = index.sizes()
+        click.echo(f"{len(texts)} documents embedded with {embedder.name} in {elapsed:.1f} s "
+                   f"({index.dims} of {embedder.dim} dimensions) -> {out_dir}")
+        for name in ("float32", "int8", "binary"):
+            click.echo(f"  {name:<8} {sizes[name]:>12,} bytes  ({sizes['float32'] / sizes[name]:.0f}x smaller than float32)")
+
+    @cli.command("search")
+    @click.argument("index_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+    @click.argument("queries", nargs=-1)
+    @click.option("--queries-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+                  help="More queries, one per line.")
+    @click.option("-k", "--k", "k", type=click.IntRange(min=1), default=10, show_default=True)
+    @click.option("--method", type=click.Choice(SEARCH_METHODS), default="binary-rescore", show_default=True)
+    @click.option("--rescore-with", type=click.Choice(["int8", "binary", "float32"]), default="int8",
+                  show_default=True, help="What the binary shortlist is re-ranked against (float query).")
+    @click.option("--rescore-multiplier", type=click.IntRange(min=1), default=4, show_default=True)
+    @click.option("--show", type=click.IntRange(min=0), default=3, show_default=True,
+                  help="Results printed per query (0: only the recall summary).")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def search_command(index_dir, queries, queries_file, k, method, rescore_with, rescore_multiplier, show, as_json):
+        """Search INDEX_DIR (written by `ryzen embed`) for each query; report recall@k against float32."""
+        from .embedders import load_embedder
+        from .quantization import load_index
+        from .retrieval import overlap_at_k
+
+        texts = list(queries)
+        if queries_file is not None:
+            texts += [line.strip() for line in queries_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise click.UsageError("give at least one query (arguments or --queries-file)")
+        index, info = load_index(index_dir)
+        with open(index_dir / "documents.jsonl", encoding="utf-8") as handle:
+            documents = [json.loads(line) for line in handle]
+        embedder = load_embedder(info["model"])
+        prepared = index.prepare_queries(embedder.encode(texts))
+        started = time.perf_counter()
+        ranking = index.search(prepared, k, method, rescore_multiplier, rescore_with)
+        search_s = time.perf_counter() - started
+        reference = index.search(prepared, k, "float32")
+        recall = overlap_at_k(ranking, reference, k)
+        results = [{"query": q, "results": [documents[int(i)]["id"] for i in row]} for q, row in zip(texts, ranking)]
+        summary = {"method": method, "rescore_with": rescore_with if method == "binary-rescore" else None,
+                   "k": k, "queries": len(texts), f"recall@{k}_vs_float32": recall,
+                   "search_ms_per_query": 1e3 * search_s / len(texts), "index_bytes": info["bytes"]}
+        if as_json:
+            click.echo(json.dumps({"summary": summary, "results": results}, indent=2))
+            return
+        for q, row in zip(texts, ranking):
+            if show:
+                click.echo(f"query: {q}")
+                for rank, i in enumerate(row[:show], start=1):
+                    doc = documents[int(i)]
+                    first_line = doc["text"].strip().splitlines()[0][:100] if doc["text"].strip() else ""
+                    click.echo(f"  {rank}. {doc['id']}  {first_line}")
+        label = method if method != "binary-rescore" else f"binary-rescore ({rescore_with}, x{rescore_multiplier})"
+        click.echo(f"{label}: recall@{k} against the float32 index {recall:.3f} over {len(texts)} queries, "
+                   f"{summary['search_ms_per_query']:.2f} ms per query")
