@@ -3,6 +3,7 @@ KV-cache generation loop that serves both. Importing this package does not impor
 transformers."""
 
 from ryzen_core.models.generate import (
+    filter_logits,
     generate,
     generate_no_cache,
     is_hf_model,
@@ -20,6 +21,7 @@ __all__ = [
     "ModelOutput",
     "Transformer",
     "TransformerConfig",
+    "filter_logits",
     "generate",
     "generate_no_cache",
     "hf_model_from_config",

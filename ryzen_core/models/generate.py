@@ -69,6 +69,25 @@ def last_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     raise _unsupported(model)
 
 
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits [B, V] divided by `temperature` (> 0), with tokens outside the top_k best and
+    outside the top_p nucleus set to -inf: the distribution every sampler here draws from."""
+    scaled = logits.float() / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth_best = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth_best, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_indices = torch.sort(scaled, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the best
+        # token is therefore always kept.
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_indices, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -93,21 +112,7 @@ def sample_next(
 
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-
-    scaled = logits.float() / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth_best = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth_best, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, sorted_indices = torch.sort(scaled, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the best
-        # token is therefore always kept.
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, sorted_indices, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-
+    scaled = filter_logits(logits, temperature, top_k, top_p)
     probs = torch.softmax(scaled, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ryzen_core.models import is_hf_model, model_outputs
+from ryzen_core.models import filter_logits, is_hf_model, model_outputs
 
 
 def path_seed(seed: int, *keys: int) -> int:
@@ -55,23 +55,6 @@ class TaskCodec:
         return self.tokenizer.decode(ids)
 
 
-def filtered_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """Logits / temperature with tokens outside top-k and outside the top-p nucleus set to -inf
-    (the same filter as ryzen_core.models.sample_next)."""
-    scaled = logits.float() / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth_best = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth_best, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Keep a token while the tokens ranked above it hold less than top_p; the best is always kept.
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    return scaled
-
-
 def sample_rows(logits: torch.Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator] | None,
                 top_k: int = 0) -> torch.Tensor:
     """One token per row of logits [B, V]: argmax when temperature is 0, else Gumbel-max with row i's noise
@@ -80,7 +63,7 @@ def sample_rows(logits: torch.Tensor, temperature: float, top_p: float, generato
         return logits.argmax(dim=-1)
     if generators is None or len(generators) != logits.shape[0]:
         raise ValueError("sampling needs one generator per row")
-    scaled = filtered_logits(logits, temperature, top_p, top_k)
+    scaled = filter_logits(logits, temperature, top_k, top_p)
     noise = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(scaled.device)
     gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20, max=1.0 - 1e-7)))
     return (scaled + gumbel).argmax(dim=-1)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from ryzen_core.data import train_tokenizer
-from ryzen_core.models import generate
+from ryzen_core.models import filter_logits, generate
 from ryzen_plugin_rlvr.multipath import SolveConfig, multipath_generate, solve
-from ryzen_plugin_rlvr.sampling import TaskCodec, filtered_logits, generate_paths, path_seed, sample_rows
+from ryzen_plugin_rlvr.sampling import TaskCodec, generate_paths, path_seed, sample_rows
 from ryzen_plugin_rlvr.tasks import ArithmeticTask
 
 
@@ -84,7 +84,7 @@ def test_gumbel_sampling_follows_the_distribution_and_respects_top_p():
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
     nucleus = torch.cat([sample_rows(logits, 1.0, 0.7, [g]) for g in generators[:500]])
     assert set(nucleus.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; the tail is cut
-    assert torch.isinf(filtered_logits(logits, 1.0, 0.7)[0, 2:]).all()
+    assert torch.isinf(filter_logits(logits, 1.0, top_p=0.7)[0, 2:]).all()
     assert sample_rows(logits, 0.0, 1.0, None).item() == 0
 
 
