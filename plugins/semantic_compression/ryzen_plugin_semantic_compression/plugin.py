@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -264,6 +265,7 @@ def on_train_end(model, metrics, run_dir, config, settings, record):
     from .run_report import evaluate_run
 
     evaluate_run(model, run_dir, config, settings, record)
+    return {"report_markdown": (Path(run_dir) / "compression_report.md").read_text()}
 
 
 @hookimpl

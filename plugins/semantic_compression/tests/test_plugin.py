@@ -137,6 +137,7 @@ def test_ryzen_run_reports_every_technique(compression_run):
     assert analysis["adaptations"]["optimized"]
     report = (compression_run / "optimized" / "compression_report.md").read_text()
     assert "binary+rescore(int8)" in report and "Matryoshka" in report
+    assert "## compression (optimized)" in (compression_run / "report.md").read_text()
     saved = json.loads((compression_run / "optimized" / "compression.json").read_text())
     assert saved["sparsity"] > 0
 
