@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,15 +24,7 @@ from pathlib import Path
 
 import torch
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from ryzen_core.report import cpu_description
 
 
 def busy_jiffies() -> int:
@@ -106,7 +97,7 @@ def main() -> None:
         other_cores = max(0.0, (busy_jiffies() - busy_before) / ticks - own_cpu) / (time.perf_counter() - wall_before)
 
     params = model.num_parameters()
-    print(f"machine: {cpu_model()}, {args.threads} threads; torch {torch.__version__}, "
+    print(f"machine: {cpu_description()['model']}, {args.threads} threads; torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}")
     print(f"model: built-in '{args.preset}' preset, vocab {config.vocab_size}, {params / 1e6:.2f}M parameters; "
           f"batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, {args.pairs} rounds "
@@ -124,7 +115,7 @@ def main() -> None:
         print(f"| {name} | {statistics.median(values):.0f} | {min(values):.0f}-{max(values):.0f} | "
               f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} | {size} |")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_model(),
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_description()["model"],
                                          "other_processes_cores": other_cores,
                                          "results": summary, "sizes_bytes": sizes}, indent=2) + "\n")
 
