@@ -74,8 +74,9 @@ class CompressionSettings(BaseModel):
     """Binary search shortlists k * this many documents for rescoring."""
     sparsity_levels: list[float] = Field(default_factory=lambda: [0.5, 0.75, 0.875, 0.9375])
     """Sparsities at which test perplexity is measured after training."""
-    perplexity_batches: int = Field(8, gt=0)
-    """Test batches (train.batch_size rows) per perplexity figure."""
+    perplexity_batches: int | None = Field(None, gt=0)
+    """Test batches (train.batch_size rows) per perplexity figure; default validate.perplexity_batches, so the
+    figures match the core report's test perplexity."""
     decode_new_tokens: int = Field(48, ge=2)
     """Greedy tokens per timed batch-1 generation (capped by the context)."""
     decode_repeats: int = Field(7, gt=0)

@@ -57,7 +57,8 @@ def evaluate_run(model, run_dir, config, settings, record) -> dict[str, Any]:
     reference = baseline_model(run_dir)
     if reference is not None:
         models["baseline"] = reference
-    batch_size, batches = config.train.batch_size, settings.perplexity_batches
+    batch_size = config.train.batch_size
+    batches = settings.perplexity_batches or config.validate_.perplexity_batches
     results: dict[str, Any] = {"machine": machine(), "models": list(models), "skipped": {}, "section_s": {}}
     clock = [time.perf_counter()]
 
