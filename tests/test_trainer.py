@@ -156,7 +156,7 @@ def test_corrupt_checkpoint_is_a_clear_error(ryzen, tmp_path):
 def test_bad_jsonl_is_a_config_error(ryzen, tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text('{"text": "fine"}\nnot json\n')
-    result = ryzen("train", *tiny_sets(f"data.source={data}"))
+    result = ryzen("train", *tiny_sets(f"data.source={data}"), "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ") and "line 2" in last and "Traceback" not in result.stderr
