@@ -1,6 +1,7 @@
 """CPU feature detection: the OS's view (py-cpuinfo, /proc/cpuinfo) cross-checked with torch's."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
@@ -50,13 +51,19 @@ def flags_from_proc_cpuinfo(text: str) -> list[str]:
     return []
 
 
-def detect(proc_cpuinfo: str | None = None, mask: Iterable[str] = ()) -> CpuFeatures:
-    """Detect this CPU (or parse a captured /proc/cpuinfo); `mask` hides features, to test fallbacks."""
+@functools.lru_cache(maxsize=1)
+def _live_cpu() -> tuple[list[str], str]:
+    # py-cpuinfo takes about a second (it starts a subprocess); the CPU does not change within a process.
     import cpuinfo
 
+    info = cpuinfo.get_cpu_info()
+    return list(info.get("flags", [])), info.get("brand_raw", "unknown")
+
+
+def detect(proc_cpuinfo: str | None = None, mask: Iterable[str] = ()) -> CpuFeatures:
+    """Detect this CPU (or parse a captured /proc/cpuinfo); `mask` hides features, to test fallbacks."""
     if proc_cpuinfo is None:
-        info = cpuinfo.get_cpu_info()
-        flags, model = info.get("flags", []), info.get("brand_raw", "unknown")
+        flags, model = _live_cpu()
     else:
         flags = flags_from_proc_cpuinfo(proc_cpuinfo)
         model = next((l.split(":", 1)[1].strip() for l in proc_cpuinfo.splitlines() if l.startswith("model name")),
