@@ -1,0 +1,220 @@
+"""Autotuning: measure each execution choice on the actual model shape and keep what is faster and sound.
+
+The search is greedy, one knob at a time (precision, attention kernel, optimizer step,
+compilation, threads), because the knobs are nearly independent and a full product would
+cost minutes of compilation. Each trial trains two private copies of the model from the same
+initial weights on the same batches: the current best strategy (A) and the same strategy with
+one knob turned (B), interleaved A B A B. A knob is kept when
+
+- B is consistently faster: it won at least three quarters of the paired rounds (the lower
+  quartile of the per-round speed ratios is above 1). This is looser than the validator's
+  "difference larger than the spread" verdict, which the report still prints: on a busy
+  machine a real 15% gain can have a spread as wide as itself, and a knob that wins three
+  rounds in four is worth keeping. The final confirmation against the reference is reported
+  with the strict verdict, and the choice falls back to the reference if that says slower. And
+- B is sound: its loss at the initial weights, and the fp32 loss of its weights after the
+  trial's steps, are within `loss_tolerance` (relative) of the fp32 eager reference.
+
+A knob whose trial raises (a compiler that is missing or fails, an unsupported fused step) is
+recorded with the error and not kept. At the end the chosen strategy is timed once more
+against the reference, so the reported speedup is one paired measurement, not a product.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import torch
+
+from ryzen_core.forward import reference_forward
+from ryzen_core.plugins import describe_error
+from ryzen_core.trainer import build_optimizer
+from ryzen_core.validator import paired_ratios
+
+from .cpu import CpuFeatures
+from .strategy import REFERENCE, Strategy, apply_optimizer, forward_context, wrap_forward
+
+log = logging.getLogger(__name__)
+
+# Knob order matters for a greedy search: precision decides which attention kernel and
+# optimizer step are fastest, so it goes first; threads last, as they interact with all.
+KNOBS: dict[str, Any] = {"precision": "bf16", "attention": "math", "optimizer": "fused", "compile": "inductor"}
+
+
+def plan(settings, cpu: CpuFeatures) -> tuple[Strategy, list[tuple[str, Any]], dict[str, str]]:
+    """The starting strategy (fixed choices from settings applied), the knob trials in order, and
+    why each knob that is not tried is not."""
+    start, trials, not_tried = REFERENCE, [], {}
+    for knob, candidate in KNOBS.items():
+        wanted = getattr(settings, knob)
+        if wanted != "auto":
+            start = start.with_knob(knob, wanted)
+            not_tried[knob] = f"{wanted} set in config"
+        elif knob == "precision" and not cpu.native_bf16:
+            not_tried[knob] = ("fp32: the CPU has no native bf16 (no AVX-512 BF16 or AMX), so bf16 would be "
+                               "emulated and slower")
+        else:
+            trials.append((knob, candidate))
+    usable = cpu.usable_cores
+    if settings.threads:
+        start = start.with_knob("threads", settings.threads)
+        not_tried["threads"] = f"{settings.threads} set in config"
+    else:
+        start = start.with_knob("threads", usable)
+        if cpu.physical_cores and cpu.physical_cores < usable:
+            trials.append(("threads", cpu.physical_cores))
+        else:
+            not_tried["threads"] = f"{usable}: one per usable core, no SMT siblings to leave idle"
+    return start, trials, not_tried
+
+
+def random_batches(vocab_size: int, batch_size: int, seq_len: int, count: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, vocab_size, (count, batch_size, seq_len + 1), generator=gen)
+    return [(r[:, :-1], r[:, 1:]) for r in rows]
+
+
+def vocab_size_of(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if getattr(config, "vocab_size", None):
+        return int(config.vocab_size)
+    return int(model.get_input_embeddings().num_embeddings)
+
+
+class TrialModel:
+    """A private copy of the model and its optimizer, trained under one strategy."""
+
+    def __init__(self, model: torch.nn.Module, train_config, strategy: Strategy, batches, threads: int):
+        self.strategy, self.batches, self.index = strategy, batches, 0
+        self.threads = strategy.threads or threads
+        self.model = copy.deepcopy(model)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, train_config)
+        apply_optimizer(self.optimizer, strategy)
+        self.reference = reference_forward(self.model)
+        self.forward = wrap_forward(self.reference, strategy)  # compile failures raise here: the trial fails
+        self.grad_clip = train_config.grad_clip
+
+    def run_steps(self, steps: int) -> float:
+        torch.set_num_threads(self.threads)
+        start = time.perf_counter()
+        for _ in range(steps):
+            x, y = self.batches[self.index % len(self.batches)]
+            self.index += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.forward(x, y).loss
+            loss.backward()
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def loss(self, held, under_strategy: bool = False) -> float:
+        """Loss on the held-out batch: fp32 eager, or through this strategy's own forward."""
+        self.model.eval()
+        try:
+            if under_strategy:
+                with forward_context(self.strategy):
+                    return float(self.forward(*held).loss)
+            return float(self.reference(*held).loss)
+        finally:
+            self.model.train()
+
+
+def relative_difference(value: float, reference: float) -> float:
+    return abs(value - reference) / max(abs(reference), 1e-12) if math.isfinite(value) else math.inf
+
+
+class Tuner:
+    def __init__(self, model: torch.nn.Module, train_config, batch_size: int, seq_len: int, settings,
+                 log_line: Callable[[str], None] = log.info):
+        self.model, self.train_config, self.settings, self.log_line = model, train_config, settings, log_line
+        self.rounds, self.steps = settings.tune_rounds, settings.tune_steps
+        # Random tokens are unlearnable in general, but a batch the trial trains on is not: its loss
+        # falls as the copies train, so comparing it after the trial checks the whole step.
+        self.batches = random_batches(vocab_size_of(model), batch_size, seq_len, count=8)
+        self.held = self.batches[0]
+        self.tokens_per_measurement = self.steps * batch_size * seq_len
+        self.threads = torch.get_num_threads()
+        self._reference_losses: dict[int, float] = {}
+
+    def reference_loss(self, steps: int) -> float:
+        """fp32 eager loss on the held batch after `steps` reference training steps from the initial weights."""
+        if steps not in self._reference_losses:
+            ref = TrialModel(self.model, self.train_config, REFERENCE, self.batches, self.threads)
+            ref.run_steps(steps)
+            self._reference_losses[steps] = ref.loss(self.held)
+        return self._reference_losses[steps]
+
+    def trial(self, a: Strategy, b: Strategy) -> dict[str, Any]:
+        record: dict[str, Any] = {"baseline": a.describe(), "candidate": b.describe(),
+                                  "candidate_strategy": b.as_dict(), "error": None}
+        try:
+            side_a = TrialModel(self.model, self.train_config, a, self.batches, self.threads)
+            side_b = TrialModel(self.model, self.train_config, b, self.batches, self.threads)
+            loss_initial = side_b.loss(self.held, under_strategy=True)
+
+            def rate(side: TrialModel) -> Callable[[], float]:
+                return lambda: self.tokens_per_measurement / side.run_steps(self.steps)
+
+            comparison = paired_ratios(rate(side_a), rate(side_b), warmup=1, repeats=self.rounds,
+                                       higher_is_better=True)
+            loss_after = side_b.loss(self.held)
+        except Exception as exc:
+            record.update(error=describe_error(exc), sound=False, accepted=False)
+            return record
+        finally:
+            torch.set_num_threads(self.threads)
+        drift = max(relative_difference(loss_initial, self.reference_loss(0)),
+                    relative_difference(loss_after, self.reference_loss(side_b.index)))
+        sound = drift <= self.settings.loss_tolerance
+        record.update(
+            tokens_per_s_baseline=float(torch.tensor(comparison.values_a).median()),
+            tokens_per_s_candidate=float(torch.tensor(comparison.values_b).median()),
+            speedup=comparison.to_dict(), loss_initial=loss_initial, loss_after=loss_after,
+            loss_relative_difference=drift, sound=sound, accepted=sound and comparison.p25 > 1.0)
+        return record
+
+    def run(self, start: Strategy, trials: list[tuple[str, Any]]) -> dict[str, Any]:
+        began = time.perf_counter()
+        best, records = start, []
+        for knob, value in trials:
+            candidate = best.with_knob(knob, value)
+            record = dict(self.trial(best, candidate), knob=knob, value=value)
+            records.append(record)
+            self.log_line(f"kernel tune: {knob}={value}: {describe_trial(record)}")
+            if record["accepted"]:
+                best = candidate
+        confirmation = None
+        if best != REFERENCE:
+            confirmation = self.trial(REFERENCE, best)
+            self.log_line(f"kernel tune: chosen ({best.describe()}) vs reference: {describe_trial(confirmation)}")
+            if confirmation["error"] or not confirmation["sound"] or confirmation["speedup"]["verdict"] == "slower":
+                why = confirmation["error"] or ("not sound" if not confirmation["sound"] else "slower")
+                self.log_line(f"kernel tune: keeping the reference path; the combination was {why}")
+                confirmation["fell_back"] = why
+                best = REFERENCE.with_knob("threads", start.threads)
+        return {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "rounds": self.rounds, "steps_per_round": self.steps,
+            "tokens_per_measurement": self.tokens_per_measurement,
+            "loss_tolerance": self.settings.loss_tolerance,
+            "reference_loss": {f"after_{steps}_steps": loss for steps, loss in sorted(self._reference_losses.items())},
+            "start": start.as_dict(), "trials": records, "chosen": best.as_dict(), "chosen_description": best.describe(),
+            "confirmation": confirmation, "tune_seconds": round(time.perf_counter() - began, 2),
+        }
+
+
+def describe_trial(record: dict[str, Any]) -> str:
+    if record.get("error"):
+        return f"failed ({record['error']})"
+    s = record["speedup"]
+    verdict = "kept" if record.get("accepted") else "not kept"
+    return (f"{s['median_ratio']:.2f}x [{s['p25']:.2f}, {s['p75']:.2f}] {s['verdict']}, loss within "
+            f"{record['loss_relative_difference']:.2%} of fp32 ({'sound' if record['sound'] else 'NOT sound'}); "
+            f"{verdict}")

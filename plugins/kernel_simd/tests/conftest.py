@@ -1,0 +1,35 @@
+"""A tiny model, a config and CPU descriptions for the kernel plugin's tests."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ryzen_core.config import RunConfig
+from ryzen_core.models.transformer import PRESETS, Transformer, TransformerConfig
+from ryzen_plugin_kernel_simd.cpu import CpuFeatures
+
+ALL = {"avx2": True, "fma": True, "avx512f": True, "avx512bw": True, "avx512_vnni": True,
+       "avx512_bf16": True, "amx_bf16": False, "amx_int8": False}
+
+
+@pytest.fixture
+def make_cpu():
+    def make(native_bf16: bool = True, usable: int = 2, physical: int | None = 2) -> CpuFeatures:
+        features = dict(ALL, avx512_bf16=native_bf16)
+        return CpuFeatures(model="test CPU", logical_cores=usable, usable_cores=usable, physical_cores=physical,
+                           features=features, torch_capability="AVX512")
+
+    return make
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Transformer(TransformerConfig(**dict(PRESETS["tiny"], dropout=0.0)))
+
+
+@pytest.fixture
+def config(tmp_path) -> RunConfig:
+    cfg = RunConfig()
+    cfg.train.batch_size, cfg.data.seq_len, cfg.data.cache_dir = 2, 16, tmp_path / "cache"
+    return cfg
