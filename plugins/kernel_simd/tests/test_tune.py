@@ -169,7 +169,16 @@ def test_the_combination_falls_back_when_the_confirmation_says_slower(tiny_model
     assert result["chosen"]["optimizer"] == "foreach"
 
 
-def test_a_cached_choice_is_still_compared_with_the_reference_in_this_run(tiny_model, config, make_cpu):
+def test_a_cached_choice_is_still_compared_with_the_reference_in_this_run(tiny_model, config, make_cpu, monkeypatch):
+    from ryzen_core.validator import compare_pairs
+
+    real = tune.paired_ratios
+
+    def measured_then_faster(*args, **kwargs):  # really times both sides; says B won, so bf16 stays chosen
+        result = real(*args, **kwargs)
+        return compare_pairs(result.values_a, [3 * v for v in result.values_a], higher_is_better=True)
+
+    monkeypatch.setattr(tune, "paired_ratios", measured_then_faster)
     settings = KernelSettings(**dict(FAST, precision="bf16"))  # fixed, so the choice differs from the reference
     first, _ = decide(tiny_model, config, settings, make_cpu())
     assert first["confirmation"]["speedup"]["n"] == 2
