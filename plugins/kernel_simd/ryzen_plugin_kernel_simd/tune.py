@@ -11,7 +11,8 @@ one knob turned (B), interleaved A B A B. A knob is kept when
   "difference larger than the spread" verdict, which the report still prints: on a busy
   machine a real 15% gain can have a spread as wide as itself, and a knob that wins three
   rounds in four is worth keeping. The final confirmation against the reference is reported
-  with the strict verdict, and the choice falls back to the reference if that says slower. And
+  with the strict verdict, and the choice falls back to what the settings fixed (the
+  reference, by default) if that says slower. And
 - B is sound: its loss at the initial weights, and the fp32 loss of its weights after the
   trial's steps, are within `loss_tolerance` (relative) of the fp32 eager reference.
 
@@ -194,11 +195,12 @@ class Tuner:
         if best != REFERENCE:
             confirmation = self.trial(REFERENCE, best)
             self.log_line(f"kernel tune: chosen ({best.describe()}) vs reference: {describe_trial(confirmation)}")
-            if confirmation["error"] or not confirmation["sound"] or confirmation["speedup"]["verdict"] == "slower":
+            failed = confirmation["error"] or not confirmation["sound"] or confirmation["speedup"]["verdict"] == "slower"
+            if failed and best != start:  # back to what the settings fixed; the user asked for that
                 why = confirmation["error"] or ("not sound" if not confirmation["sound"] else "slower")
-                self.log_line(f"kernel tune: keeping the reference path; the combination was {why}")
+                self.log_line(f"kernel tune: keeping {start.describe()}; the tuned combination was {why}")
                 confirmation["fell_back"] = why
-                best = REFERENCE.with_knob("threads", start.threads)
+                best = start
         return {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "rounds": self.rounds, "steps_per_round": self.steps,

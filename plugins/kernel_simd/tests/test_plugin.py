@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,20 @@ def test_kernel_tune_caches_and_retune_measures_again(tmp_path):
 def test_kernel_tune_rejects_bad_settings_with_one_line(tmp_path):
     out = cli("kernel", "tune", "--set", "kernel.precision=fp16", cache=tmp_path)
     assert out.returncode == 2 and "kernel.precision" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ryzen_train_with_kernel_records_the_tuning_and_applies_it(tmp_path):
+    sets = [*TINY_TUNE, "--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", "train.eval_batches=1",
+            "--set", "kernel.precision=bf16", "--set", "kernel.recheck_rounds=2"]
+    out = cli("train", "--plugins", "kernel", *sets, "--out", str(tmp_path / "run"), cache=tmp_path / "cache")
+    assert out.returncode == 0, out.stderr[-2000:]
+    analysis = json.loads((tmp_path / "run" / "optimization_analysis.json").read_text())
+    events = {}
+    for e in analysis["events"]:
+        events.setdefault(e["event"], []).append(e["data"])
+    (tuned,) = events["autotune"]
+    assert tuned["source"] == "measured" and [t["knob"] for t in tuned["trials"]] == ["attention", "optimizer"]
+    assert all(t["tokens_per_s_candidate"] > 0 for t in tuned["trials"])
+    assert events["denormals"][0]["flush_denormal"] and not events["denormals"][-1]["flush_denormal"]
+    assert len(events["recheck"]) == 2  # one per evaluation
+    assert Path(tuned["cache_file"]).is_file()
