@@ -33,17 +33,24 @@ GenerateFn = Callable[..., torch.Tensor]
 
 
 class TorchBackend:
-    """A torch model; `generate_fn` replaces the plain KV-cache loop (the result of the `on_infer` fold)."""
+    """A torch model; `generate_fn` replaces the plain KV-cache loop (the result of the `on_infer` fold).
+
+    A generate function that runs another model (a quantized copy, say) carries that model's
+    `logits(input_ids)` as an attribute, so perplexity is measured on what actually generates.
+    """
 
     def __init__(self, model: torch.nn.Module, name: str = "torch", generate_fn: GenerateFn | None = None):
         self.model, self.name = model, name
         self._generate = generate_fn or self.plain_generate
+        self._logits = getattr(generate_fn, "logits", None)
 
     def plain_generate(self, input_ids, max_new_tokens, **sampling):
         return torch_generate(self.model, input_ids, max_new_tokens, **sampling)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._logits is not None:
+            return self._logits(input_ids)
         self.model.eval()
         return lm_logits(self.model, input_ids).float()
 

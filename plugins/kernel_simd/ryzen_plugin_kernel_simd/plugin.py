@@ -72,6 +72,14 @@ class KernelSettings(BaseModel):
     """Switch back to the reference path if validation loss exceeds its best so far by this fraction."""
     mask_features: list[str] = Field(default_factory=list)
     """Features to treat as absent (to exercise the fallback paths)."""
+    inference: Literal["auto", "fp32", "int8", "bf16"] = "auto"
+    """torch inference path for validation; 'auto' times int8 dynamic quantization (and bf16 on native
+    hardware) against fp32 decoding and keeps the fastest sound one."""
+    infer_rounds: int = Field(5, ge=2)
+    infer_prompt_tokens: int = Field(32, ge=1)
+    infer_new_tokens: int = Field(16, ge=2)
+    infer_logits_tolerance: float = Field(0.05, gt=0)
+    """Relative L2 error of the logits against fp32 that an inference path may have."""
 
 
 @dataclass
@@ -289,6 +297,33 @@ def on_train_end(model, settings, config, record):
                  f"{utilization['mfu_bf16_peak']:.1%} of the bf16 peak ({peak['bf16_flops'] / 1e9:.0f} GFLOP/s, "
                  f"{peak['bf16_unit']}), {utilization['mfu_fp32_peak']:.1%} of the fp32 peak")
     return {"report_markdown": text}
+
+
+@hookimpl
+def on_infer(generate, model, config, settings, record):
+    from .inference import build_path, tune_inference
+
+    settings = settings_or_default(settings)
+    if settings.inference == "fp32":
+        return None
+    if settings.inference == "auto":
+        candidates = ["int8"] + (["bf16"] if detect(mask=settings.mask_features).native_bf16 else [])
+        result = tune_inference(model, candidates, settings, vocab_size_of(model), log.info)
+        record("inference", **result)
+        chosen = result["chosen"]
+    else:
+        chosen = settings.inference
+        record("inference", chosen=chosen, trials=[], note="set in config")
+    if chosen == "fp32":
+        return None
+    path = build_path(chosen, model)
+
+    # Generation runs on the chosen path's model, so a plugin that wraps generation should come after kernel.
+    def kernel_generate(input_ids, max_new_tokens, **sampling):
+        return path.generate(input_ids, max_new_tokens, **sampling)
+
+    kernel_generate.logits = path.logits  # the validator's perplexity is measured on what generates
+    return kernel_generate
 
 
 def decision_markdown(decision: dict[str, Any], source: str, state: KernelState | None = None) -> str:
