@@ -302,7 +302,13 @@ def bench_inference(run_dir: Path, host: PluginHost, config: RunConfig) -> dict[
         model = build_model(config.model, data.tokenizer.vocab_size)
         load_weights(model, latest_checkpoint(variant))
         name = "torch" if not backends else f"torch-{variant.name}"
-        backends[name] = TorchBackend(model, name)
+        # Variants are named after their plugins (see run_pipeline): apply their on_infer as the run did.
+        plugins = [] if name == "torch" else ([variant.name.removeprefix("only-")] if variant.name.startswith("only-")
+                                              else config.plugins)
+        plain = TorchBackend(model, name).plain_generate
+        generate_fn = host.fold("on_infer", host.active(plugins), "generate", plain, model=model,
+                                tokenizer=data.tokenizer, config=config)
+        backends[name] = TorchBackend(model, name, generate_fn if generate_fn is not plain else None)
         if name == "torch" and is_hf_model(model):
             backends["hf-generate"] = HFGenerateBackend(model)
     for export in sorted((run_dir / "export").glob("*")) if (run_dir / "export").is_dir() else []:

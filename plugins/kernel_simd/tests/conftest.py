@@ -33,3 +33,21 @@ def config(tmp_path) -> RunConfig:
     cfg = RunConfig()
     cfg.train.batch_size, cfg.data.seq_len, cfg.data.cache_dir = 2, 16, tmp_path / "cache"
     return cfg
+
+
+@pytest.fixture
+def break_compile(monkeypatch):
+    """Make torch.compile return a function that raises `message` when called; counts the calls."""
+    calls = {"compiled": 0}
+
+    def install(message: str):
+        def broken_compile(fn):
+            def compiled(*args):
+                calls["compiled"] += 1
+                raise RuntimeError(message)
+            return compiled
+
+        monkeypatch.setattr(torch, "compile", broken_compile)
+        return calls
+
+    return install

@@ -73,16 +73,8 @@ def test_fused_optimizer_matches_foreach(tiny_model):
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
 
 
-def test_compile_that_raises_falls_back_to_eager_once(tiny_model, monkeypatch):
-    calls = {"compiled": 0}
-
-    def broken_compile(fn):
-        def compiled(*args):
-            calls["compiled"] += 1
-            raise RuntimeError("inductor: C++ compiler not found")
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
+def test_compile_that_raises_falls_back_to_eager_once(tiny_model, break_compile):
+    calls = break_compile("inductor: C++ compiler not found")
     failures = []
     fwd = reference_forward(tiny_model)
     wrapped = CompiledForward(fwd, failures.append)
@@ -118,12 +110,7 @@ def test_an_error_eager_also_raises_is_not_blamed_on_the_compiler(monkeypatch):
     assert failures == [] and wrapped.failure is None
 
 
-def test_strict_wrapper_raises_so_a_tuning_trial_can_fail(tiny_model, monkeypatch):
-    def broken_compile(fn):
-        def compiled(*args):
-            raise RuntimeError("backend exploded")
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
+def test_strict_wrapper_raises_so_a_tuning_trial_can_fail(tiny_model, break_compile):
+    break_compile("backend exploded")
     with pytest.raises(RuntimeError, match="torch.compile failed"):
         wrap_forward(reference_forward(tiny_model), Strategy(compile="inductor"))(*batch())
