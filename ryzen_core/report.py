@@ -29,8 +29,8 @@ def cpu_description() -> dict[str, Any]:
 
     info = cpuinfo.get_cpu_info()
     flags = set(info.get("flags", []))
-    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512vnni", "avx512_bf16", "avx512bf16",
-              "amx_bf16", "amx_int8", "amx_tile"]
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni", "avx512_bf16",
+              "avx512bf16", "amx_bf16", "amx_int8", "amx_tile"]
     return {
         "model": info.get("brand_raw"),
         "vendor": info.get("vendor_id_raw"),

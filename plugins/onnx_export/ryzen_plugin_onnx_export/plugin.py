@@ -22,8 +22,9 @@ class OnnxSettings(BaseModel):
     """Also write a dynamically quantized int8 export (QInt8 MatMul/Gemm weights) next to the fp32 one."""
     per_channel: bool = True
     """int8: one weight scale per output column (more accurate, same speed)."""
-    reduce_range: bool = False
-    """int8: 7-bit weights; only useful on CPUs without VNNI."""
+    reduce_range: bool | Literal["auto"] = "auto"
+    """int8: 7-bit weights. 'auto' uses them only where the CPU has no VNNI (AVX-512 VNNI or AVX-VNNI):
+    there the u8 x s8 multiply-add goes through an int16 intermediate that 8-bit weights can saturate."""
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     """onnxruntime graph optimization level of the sessions this plugin creates."""
     threads: int | None = Field(None, gt=0)
@@ -45,6 +46,18 @@ class OnnxSettings(BaseModel):
     """Held-out tokens per row (2 rows) for the logits check; capped by the context length."""
     parity_new_tokens: int = Field(16, ge=1)
     """Greedy tokens generated from an 8-token prompt per row for the generation check."""
+
+
+def resolve_reduce_range(setting: bool | str) -> tuple[bool, str]:
+    """The reduce_range to quantize with, and why."""
+    if isinstance(setting, bool):
+        return setting, "set in config"
+    from ryzen_core.report import cpu_description
+
+    vnni = {"avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni"} & set(cpu_description()["flags"])
+    if vnni:
+        return False, f"CPU has {sorted(vnni)[0]}: int8 products accumulate straight to int32, 8-bit weights are safe"
+    return True, "CPU has no VNNI: 7-bit weights keep the int16 intermediate of VPMADDUBSW from saturating"
 
 
 def export_and_check(model: Any, tokenizer: Any, export_dir: str | Path, settings: OnnxSettings | None = None,
@@ -70,8 +83,10 @@ def export_and_check(model: Any, tokenizer: Any, export_dir: str | Path, setting
 
     directories = {"fp32": export_onnx(model, tokenizer, export_dir / FP32_DIR, opset=settings.opset)}
     if settings.int8:
+        reduce_range, why = resolve_reduce_range(settings.reduce_range)
+        record("int8_format", per_channel=settings.per_channel, reduce_range=reduce_range, reason=why)
         directories["int8"] = quantize_int8(directories["fp32"], export_dir / INT8_DIR,
-                                            per_channel=settings.per_channel, reduce_range=settings.reduce_range)
+                                            per_channel=settings.per_channel, reduce_range=reduce_range)
     result: dict[str, Any] = {"exports": {}, "parity": {}, "sizes_bytes": {}, "backends": {}}
     for precision, directory in directories.items():
         backend = OrtBackend(directory, threads=settings.threads, graph_optimization=settings.graph_optimization,

@@ -142,7 +142,16 @@ def test_export_manifest_describes_the_graph(builtin_export, tiny_model, tokeniz
     int8_manifest = read_manifest(builtin_export["export_dir"] / "onnx-int8")
     assert int8_manifest["precision"] == "int8"
     assert int8_manifest["quantization"]["per_channel"] is True
-    assert int8_manifest["quantization"]["reduce_range"] is False
+    assert int8_manifest["quantization"]["reduce_range"] is plugin.resolve_reduce_range("auto")[0]
+
+
+@pytest.mark.parametrize("flags, expected", [(["avx2", "avx512f", "avx512_vnni"], False), (["avx2", "avx_vnni"], False),
+                                             (["avx2", "fma"], True), (["avx2", "avx512f", "avx512bw"], True)])
+def test_int8_weight_range_follows_vnni(monkeypatch, flags, expected):
+    monkeypatch.setattr("ryzen_core.report.cpu_description", lambda: {"flags": flags})
+    reduce_range, why = plugin.resolve_reduce_range("auto")
+    assert reduce_range is expected and ("no VNNI" in why) == expected
+    assert plugin.resolve_reduce_range(True) == (True, "set in config")
 
 
 def test_hf_llama_saved_and_reloaded_passes_parity(hf_model, tokenizer, tmp_path):
