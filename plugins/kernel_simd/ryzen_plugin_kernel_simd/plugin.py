@@ -131,9 +131,13 @@ def decide(model: torch.nn.Module, config, settings: KernelSettings, cpu: CpuFea
     cache = DecisionCache(config.data.cache_dir / "kernel")
     if not settings.retune:
         cached = cache.load(key)
-        if cached is not None:
+        try:
+            chosen = Strategy(**cached["chosen"]) if cached is not None else None
+        except TypeError:  # edited by hand or written by another version: measure again
+            log.warning("ignoring tuning cache %s: its choice has unknown fields", cache.path(key))
+            chosen = None
+        if chosen is not None:
             cached["cache_file"] = str(cache.path(key))
-            chosen = Strategy(**cached["chosen"])
             if settings.confirm_cached and chosen != REFERENCE.with_knob("threads", chosen.threads):
                 # The trials are from the run that tuned; the speedup this run reports is measured now.
                 tuner = Tuner(model, config.train, config.train.batch_size, config.data.seq_len, settings, log_line)

@@ -129,7 +129,11 @@ def test_decision_is_cached_reused_and_invalidated(tiny_model, config, make_cpu,
 def test_an_unreadable_cache_file_means_tuning_again(tiny_model, config, make_cpu):
     settings = KernelSettings(**FAST)
     decision, _ = decide(tiny_model, config, settings, make_cpu())
-    (config.data.cache_dir / "kernel" / f"{decision['key']}.json").write_text("{ truncated")
+    path = config.data.cache_dir / "kernel" / f"{decision['key']}.json"
+    path.write_text("{ truncated")
+    assert decide(tiny_model, config, settings, make_cpu())[1] == "measured"
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(stored, chosen=dict(stored["chosen"], turbo=True))))
     assert decide(tiny_model, config, settings, make_cpu())[1] == "measured"
 
 
