@@ -172,3 +172,20 @@ def test_ryzen_train_with_kernel_records_the_tuning_and_applies_it(tmp_path):
     assert events["denormals"][0]["flush_denormal"] and not events["denormals"][-1]["flush_denormal"]
     assert len(events["recheck"]) == 2  # one per evaluation
     assert Path(tuned["cache_file"]).is_file()
+
+
+def test_run_and_bench_infer_measure_the_int8_path_alike(tmp_path):
+    sets = [*TINY_TUNE, "--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", "train.eval_batches=1",
+            "--set", "kernel.inference=int8", "--set", "kernel.autotune=false", "--set", "validate.batch_sizes=[1]",
+            "--set", "validate.repeats=2", "--set", "validate.warmup=1", "--set", "validate.perplexity_batches=2",
+            "--set", "validate.new_tokens=4", "--set", "validate.prompt_len=8"]
+    run = tmp_path / "run"
+    out = cli("run", "--plugins", "kernel", *sets, "--out", str(run), cache=tmp_path / "cache")
+    assert out.returncode == 0, out.stderr[-2000:]
+    in_run = json.loads((run / "inference_validation_report.json").read_text())["perplexity"]
+    again = cli("bench", "infer", str(run), "--json-out", str(tmp_path / "again.json"), cache=tmp_path / "cache")
+    assert again.returncode == 0, again.stderr[-2000:]
+    in_bench = json.loads((tmp_path / "again.json").read_text())["perplexity"]
+    # The int8 copy's perplexity, not the fp32 model's: bench infer applies on_infer as the run did.
+    assert in_bench["torch-optimized"] == pytest.approx(in_run["torch-optimized"], rel=1e-6)
+    assert in_bench["torch"] == pytest.approx(in_run["torch"], rel=1e-6)
