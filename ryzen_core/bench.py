@@ -25,9 +25,9 @@ def peak_flops() -> dict[str, Any]:
     """Theoretical peak FLOP/s of the cores this process may use, fp32 and bf16, with the assumptions."""
     import os
 
-    import cpuinfo
+    from .report import cpu_info
 
-    info = cpuinfo.get_cpu_info()
+    info = cpu_info()
     flags = set(info.get("flags", []))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     hz = (info.get("hz_actual") or info.get("hz_advertised") or [0])[0]

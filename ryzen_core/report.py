@@ -2,6 +2,7 @@
 plus the environment fingerprint every report carries."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -17,17 +18,23 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(Path(path), json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
 
 
-def cpu_description() -> dict[str, Any]:
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, Any]:
+    """py-cpuinfo's view of this CPU, read once per process: each read starts a subprocess (about 1 s)."""
     import cpuinfo
 
-    info = cpuinfo.get_cpu_info()
+    return cpuinfo.get_cpu_info()
+
+
+def cpu_description() -> dict[str, Any]:
+    info = cpu_info()
     flags = set(info.get("flags", []))
     wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni", "avx512_bf16",
               "avx512bf16", "amx_bf16", "amx_int8", "amx_tile"]
@@ -52,7 +59,7 @@ def environment(host=None) -> dict[str, Any]:
         "cpu": cpu_description(),
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "versions": {d: _version(d) for d in ("ryzen-core", "torch", "transformers", "onnxruntime", "tokenizers")},
+        "versions": {d: package_version(d) for d in ("ryzen-core", "torch", "transformers", "onnxruntime", "tokenizers")},
     }
     if host is not None:
         env["plugins"] = {name: {"distribution": r.distribution, "version": r.version, "status": r.status}

@@ -10,26 +10,19 @@ import hashlib
 import json
 import logging
 import platform
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ryzen_core.report import write_json
+from ryzen_core.report import package_version, write_json
 
 log = logging.getLogger(__name__)
 
 
 def library_versions() -> dict[str, str | None]:
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "ryzen-plugin-kernel-simd": version("ryzen-plugin-kernel-simd")}
+            "ryzen-plugin-kernel-simd": package_version("ryzen-plugin-kernel-simd")}
 
 
 def model_shape(model: torch.nn.Module, batch_size: int, seq_len: int) -> dict[str, Any]:

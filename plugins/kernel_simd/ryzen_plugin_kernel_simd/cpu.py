@@ -87,10 +87,9 @@ CACHE_KEYS = {"l1d_bytes": "l1_data_cache_size", "l2_bytes": "l2_cache_size", "l
 
 @functools.lru_cache(maxsize=1)
 def _live_cpu() -> tuple[list[str], str, dict[str, int], int | None]:
-    # py-cpuinfo takes about a second (it starts a subprocess); the CPU does not change within a process.
-    import cpuinfo
+    from ryzen_core.report import cpu_info  # read once per process, shared with the core
 
-    info = cpuinfo.get_cpu_info()
+    info = cpu_info()
     caches = {name: int(info[key]) for name, key in CACHE_KEYS.items() if info.get(key)}
     try:
         physical = physical_cores_from_proc_cpuinfo(Path("/proc/cpuinfo").read_text())

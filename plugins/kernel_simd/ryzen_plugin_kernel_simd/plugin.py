@@ -179,26 +179,27 @@ def on_model_load(model, config, settings, record):
            native_bf16=cpu.native_bf16, bf16_unit=cpu.bf16_unit,
            features=sorted(k for k, v in cpu.features.items() if v), masked=settings.mask_features)
     record("denormals", **set_flush_denormal_all_threads(settings.denormals == "flush"))
-    decision, source = decide_once(model, config, settings, cpu)
+    state = new_state(model, config, *decide_once(model, config, settings, cpu))
+    apply_threads(state.chosen)
+    record("autotune", source=state.source, **{key: state.decision.get(key) for key in AUTOTUNE_RECORD})
+
+
+AUTOTUNE_RECORD = ("chosen", "chosen_description", "not_tried", "trials", "confirmation", "tune_seconds",
+                   "cache_file", "created")
+
+
+def new_state(model, config, decision: dict[str, Any], source: str) -> KernelState:
     chosen = Strategy(**decision["chosen"])
-    apply_threads(chosen)
     batch = random_batches(vocab_size_of(model), config.train.batch_size, config.data.seq_len, count=1, seed=1)[0]
-    STATES[model] = KernelState(decision=decision, source=source, chosen=chosen, active=chosen, batch=batch)
-    record("autotune", source=source, chosen=decision["chosen"], chosen_description=decision["chosen_description"],
-           not_tried=decision.get("not_tried"), trials=decision.get("trials"),
-           confirmation=decision.get("confirmation"), tune_seconds=decision.get("tune_seconds"),
-           cache_file=decision.get("cache_file"), created=decision.get("created"))
+    state = STATES[model] = KernelState(decision=decision, source=source, chosen=chosen, active=chosen, batch=batch)
+    return state
 
 
 def _state(model, settings, config) -> KernelState:
     state = STATES.get(model)
     if state is None:  # on_model_load did not run for this model (a plugin calling us directly)
-        settings = settings_or_default(settings)
-        chosen = untuned_strategy(settings, detect(mask=settings.mask_features))
-        batch = random_batches(vocab_size_of(model), config.train.batch_size, config.data.seq_len, 1, seed=1)[0]
-        state = STATES[model] = KernelState(decision={"chosen": chosen.as_dict(), "chosen_description":
-                                                      chosen.describe(), "trials": []},
-                                            source="settings", chosen=chosen, active=chosen, batch=batch)
+        settings = settings_or_default(settings).model_copy(update={"autotune": False})
+        state = new_state(model, config, *decide(model, config, settings, detect(mask=settings.mask_features)))
     return state
 
 

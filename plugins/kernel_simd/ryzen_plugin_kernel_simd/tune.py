@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import statistics
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -175,8 +176,8 @@ class Tuner:
                     relative_difference(loss_after, self.reference_loss(side_b.index)))
         sound = drift <= self.settings.loss_tolerance
         record.update(
-            tokens_per_s_baseline=float(torch.tensor(comparison.values_a).median()),
-            tokens_per_s_candidate=float(torch.tensor(comparison.values_b).median()),
+            tokens_per_s_baseline=statistics.median(comparison.values_a),
+            tokens_per_s_candidate=statistics.median(comparison.values_b),
             speedup=comparison.to_dict(), loss_initial=loss_initial, loss_after=loss_after,
             loss_relative_difference=drift, sound=sound, accepted=sound and comparison.p25 > 1.0)
         return record
