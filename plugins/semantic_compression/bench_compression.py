@@ -13,6 +13,9 @@ target. Then measures:
 - test perplexity with the LM head on hidden-state prefixes, and with top-k at several
   sparsities; batch-1 decode tokens/s sparse vs dense and truncated vs full head
   (interleaved pairs, ryzen_core.validator.paired_ratios);
+- Matryoshka sentence embeddings: MiniLM trained on stdlib training-split pairs with the
+  nested contrastive loss and without it (a linear adaptor on frozen embeddings, and full
+  fine-tuning), prefixes evaluated on the held-out functions;
 - peak tensor memory of a training step with each saved-activation level, and the
   validation loss each level trained to.
 
@@ -84,26 +87,6 @@ def wide_ffn_model(vocab_size: int):
                                          context_length=128)).eval()
 
 
-def no_presents_transformer(config):
-    """The built-in Transformer with the core change proposed in the README: no (k, v) list kept when
-    use_cache is False. Used only to measure what that change would do to peak training memory."""
-    from ryzen_core.models import Transformer
-    from ryzen_core.models.transformer import ModelOutput
-
-    class NoPresentsTransformer(Transformer):
-        def forward(self, input_ids, past_key_values=None, use_cache=False):
-            if use_cache or past_key_values is not None:
-                return super().forward(input_ids, past_key_values, use_cache)
-            x = self.emb_dropout(self.tok_emb(input_ids) + self.pos_emb(torch.arange(input_ids.shape[1])))
-            for block in self.blocks:
-                x, _ = block(x)
-            hidden = self.norm_final(x)
-            return ModelOutput(self.lm_head(hidden), hidden, None)
-
-    torch.manual_seed(0)
-    return NoPresentsTransformer(config)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("plugins/semantic_compression/bench_results"))
@@ -121,6 +104,11 @@ def main() -> None:
     parser.add_argument("--memory-batch", type=int, default=32, help="batch of the scaled-preset memory rows")
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--embedding-methods", default="adaptor,full",
+                        help="Matryoshka sentence embeddings: train MiniLM nested vs plain this way (adaptor, full; "
+                             "empty: skip)")
+    parser.add_argument("--embedding-epochs", type=int, default=10)
+    parser.add_argument("--embedding-steps", type=int, default=80)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("ryzen_core.data", "ryzen_core.trainer", "httpx", "transformers"):
@@ -132,12 +120,13 @@ def main() -> None:
     from ryzen_core.run import load_data
 
     from ryzen_plugin_semantic_compression.embedders import MINILM_MISSING, LMEmbedder, load_minilm, minilm_path
-    from ryzen_plugin_semantic_compression.evaluation import (evaluate_embedder, machine, mlp_decode_speed,
+    from ryzen_plugin_semantic_compression.evaluation import (evaluate_embedder, machine,
+                                                              matryoshka_embedding_comparison, mlp_decode_speed,
                                                               perplexity_by_head_dims, perplexity_by_sparsity,
                                                               sparse_decode_speed, training_step_memory,
                                                               truncated_head_decode_speed)
     from ryzen_plugin_semantic_compression.retrieval import STDLIB_CODE_HALVES, STDLIB_FUNCTIONS, load_retrieval_set
-    from ryzen_plugin_semantic_compression.run_report import highest_level_within
+    from ryzen_plugin_semantic_compression.run_report import embedding_bf16, highest_level_within
     from ryzen_plugin_semantic_compression.sparse import apply_topk, current_sparsity, topk_layers
 
     started = time.perf_counter()
@@ -213,6 +202,22 @@ def main() -> None:
                 embedder = LMEmbedder(models[name], data.tokenizer, name=f"{name} LM")
                 results["retrieval"].append(evaluate_embedder(embedder, rset, divisors, 4))
 
+    # Matryoshka sentence embeddings: MiniLM trained with and without the nested contrastive loss.
+    results["matryoshka_embeddings"] = {}
+    methods = [m for m in args.embedding_methods.split(",") if m]
+    if methods and minilm_path() is not None and not args.no_minilm:
+        sweep = [dict(epochs=e, lr=lr, batch_size=b) for e, lr, b in
+                 ((5, 1e-3, 128), (20, 1e-3, 128), (10, 3e-4, 128), (40, 3e-4, 128), (10, 1e-3, 256))]
+        for method in methods:
+            training = (dict(epochs=args.embedding_epochs, batch_size=128, lr=1e-3, seed=0, max_tokens=128)
+                        if method == "adaptor" else
+                        dict(steps=args.embedding_steps, batch_size=32, lr=5e-5, seed=0, max_tokens=128,
+                             bf16=embedding_bf16("auto")))
+            results["matryoshka_embeddings"][method] = matryoshka_embedding_comparison(
+                load_minilm, functions, divisors, None, training, method=method,
+                sweep=sweep if method == "adaptor" else ())
+            log.info("Matryoshka embeddings (%s) done", method)
+
     # Saved activations: peak training-step memory, and the validation loss each level trained to.
     vocab = data.tokenizer.vocab_size
     scaled = TransformerConfig.from_preset("scaled", vocab_size=vocab)
@@ -227,8 +232,6 @@ def main() -> None:
     shape = f"batch {args.memory_batch}x{config.data.seq_len}"
     memory[f"scaled (random init), {shape}"] = training_step_memory(Transformer(scaled), rows,
                                                                     repeats=args.memory_repeats)
-    memory[f"scaled, {shape}, with the proposed core change"] = training_step_memory(
-        no_presents_transformer(scaled), rows, repeats=args.memory_repeats)
     results["saved_activation_memory"] = memory
     results["wall_s"] = time.perf_counter() - started
 
@@ -240,8 +243,9 @@ def main() -> None:
 def markdown(results: dict[str, Any]) -> str:
     from ryzen_core.report import markdown_table
 
-    from ryzen_plugin_semantic_compression.tables import (decode_table, head_dims_table, memory_table,
-                                                          retrieval_tables, sparsity_table)
+    from ryzen_plugin_semantic_compression.tables import (decode_table, embedding_sweep_table, head_dims_table,
+                                                          matryoshka_embedding_table, memory_table, retrieval_tables,
+                                                          sparsity_table)
 
     m = results["machine"]
     training = results["training"]
@@ -271,6 +275,11 @@ def markdown(results: dict[str, Any]) -> str:
               "## Retrieval", ""]
     for result in results["retrieval"]:
         lines += [retrieval_tables(result), ""]
+    for method, comparison in results.get("matryoshka_embeddings", {}).items():
+        lines += [f"## Matryoshka sentence embeddings ({method}): trained with and without the nested loss", "",
+                  matryoshka_embedding_table(comparison), ""]
+        if comparison.get("sweep"):
+            lines += ["Other adaptor settings, same embeddings and pairs:", "", embedding_sweep_table(comparison), ""]
     lines += ["## Compressed saved activations: peak memory of one training step", "",
               memory_table(results["saved_activation_memory"]), ""]
     return "\n".join(lines)

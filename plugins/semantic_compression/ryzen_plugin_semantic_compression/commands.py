@@ -1,5 +1,6 @@
 """`ryzen embed` builds a compressed index from a text collection; `ryzen search` queries it and
-reports how much of the float32 index's answer the compressed search recovers."""
+reports how much of the float32 index's answer the compressed search recovers; `ryzen embed-train`
+fine-tunes an encoder with the Matryoshka (nested) contrastive loss."""
 from __future__ import annotations
 
 import json
@@ -119,3 +120,103 @@ def add_commands(cli: click.Group) -> None:
         label = method if method != "binary-rescore" else f"binary-rescore ({rescore_with}, x{rescore_multiplier})"
         click.echo(f"{label}: recall@{k} against the float32 index {recall:.3f} over {len(texts)} queries, "
                    f"{summary['search_ms_per_query']:.2f} ms per query")
+
+    @cli.command("embed-train")
+    @click.argument("pairs")
+    @click.option("--model", "model_spec", default="minilm", show_default=True,
+                  help="'minilm', a sentence-transformers/transformers encoder directory, or (adaptor only) a "
+                       "Ryzen run directory.")
+    @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+                  help="Directory for the result: an adaptor (adaptor.safetensors + adaptor.json, naming the "
+                       "frozen model) or a fine-tuned encoder (sentence-transformers layout, safetensors).")
+    @click.option("--method", type=click.Choice(["adaptor", "full"]), default="adaptor", show_default=True,
+                  help="adaptor: train a linear map on the frozen model's embeddings (fast); full: fine-tune "
+                       "the encoder itself.")
+    @click.option("--divisors", default="16,8,4,2,1", show_default=True,
+                  help="Matryoshka prefix sizes as d / divisor, comma-separated.")
+    @click.option("--plain", is_flag=True, help="Train the full width only (no nested terms), as a control.")
+    @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="adaptor: passes.")
+    @click.option("--steps", type=click.IntRange(min=1), default=80, show_default=True, help="full: steps.")
+    @click.option("--batch-size", type=click.IntRange(min=2), default=None,
+                  help="Pairs per step; default 128 (adaptor), 32 (full).")
+    @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="Learning rate; default 1e-3 (adaptor), 5e-5 (full).")
+    @click.option("--max-tokens", type=click.IntRange(min=8), default=128, show_default=True)
+    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--bf16/--no-bf16", default=None, help="full: bf16 autocast (default: where the CPU has native bf16).")
+    def embed_train_command(pairs, model_spec, out_dir, method, divisors, plain, epochs, steps, batch_size, lr,
+                            max_tokens, seed, bf16):
+        """Train an embedding model on PAIRS with the Matryoshka contrastive loss, so its embeddings can be cut to
+        a prefix; `ryzen embed --model OUT --dims N` then uses the result.
+
+        PAIRS is 'stdlib-functions' (docstring summary -> source from the stdlib's training-split files, none shared
+        with the held-out evaluation set) or a .jsonl file of {"query", "document"} pairs.
+        """
+        from .embedders import EncoderEmbedder, load_embedder
+        from .embedding_training import (AdaptedEmbedder, AdaptorTraining, EmbeddingTraining, train_adaptor,
+                                         train_embedder, training_pairs)
+        from .matryoshka import nested_weights
+        from .retrieval import jsonl_pair_set, stdlib_function_set
+        from .run_report import embedding_bf16
+
+        try:
+            sizes_from = [int(d) for d in divisors.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{divisors!r} is not a comma-separated list of integers", param_hint="--divisors")
+        if any(d < 1 for d in sizes_from):
+            raise click.BadParameter(f"Matryoshka divisors must be >= 1, got {divisors}", param_hint="--divisors")
+        if pairs == STDLIB_FUNCTIONS:
+            training = training_pairs([stdlib_function_set()])
+        elif Path(pairs).is_file():
+            rset = jsonl_pair_set(pairs)
+            training = [(q, rset.documents[r]) for q, r in zip(rset.queries, rset.relevant)]
+        else:
+            raise click.BadParameter(f"{pairs!r} is neither {STDLIB_FUNCTIONS} nor a .jsonl file", param_hint="PAIRS")
+        batch_size = batch_size or (128 if method == "adaptor" else 32)
+        if len(training) < batch_size:
+            raise click.BadParameter(f"{len(training)} pairs, fewer than one batch of {batch_size}",
+                                     param_hint="--batch-size")
+        embedder = load_embedder(model_spec)
+        if method == "full" and not isinstance(embedder, EncoderEmbedder):
+            raise click.BadParameter("--method full needs an encoder directory or 'minilm'", param_hint="--model")
+        sizes, weights = ([embedder.dim], [1.0]) if plain else nested_weights(embedder.dim, sizes_from)
+        eval_tokens, embedder.max_tokens = embedder.max_tokens, min(max_tokens, embedder.max_tokens)
+        started = time.perf_counter()
+        if method == "adaptor":
+            click.echo(f"embedding {len(training)} pairs with {embedder.name} ...", err=True)
+            queries, documents = embedder.encode([q for q, _ in training]), embedder.encode([d for _, d in training])
+            embedder.max_tokens = eval_tokens
+            plan = AdaptorTraining(sizes=sizes, weights=weights, epochs=epochs, batch_size=batch_size,
+                                   lr=lr or 1e-3, seed=seed)
+            spec = model_spec if model_spec == "minilm" else str(Path(model_spec).resolve())
+            AdaptedEmbedder(embedder, train_adaptor(queries, documents, plan), spec).save(
+                out_dir, {"pairs": pairs, "training_pairs": len(training), "max_tokens": max_tokens,
+                          "training": plan.describe()})
+        else:
+            plan = EmbeddingTraining(sizes=sizes, weights=weights, steps=steps, batch_size=batch_size,
+                                     lr=lr or 5e-5, seed=seed)
+            use_bf16 = embedding_bf16("auto" if bf16 is None else bf16)
+            from tqdm.auto import tqdm
+
+            with tqdm(total=steps, desc="fine-tuning", unit="step", disable=None) as bar:
+                def progress(step: int, loss: float) -> None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+
+                with torch_autocast(use_bf16):
+                    train_embedder(embedder, training, plan, progress)
+            embedder.max_tokens = eval_tokens
+            embedder.save(out_dir)
+            (out_dir / "ryzen_embedding_training.json").write_text(json.dumps(
+                {"base": model_spec, "pairs": pairs, "training_pairs": len(training), "bf16_autocast": use_bf16,
+                 "max_tokens": max_tokens, **plan.describe()}, indent=2) + "\n")
+        info = plan.describe()
+        click.echo(f"{method}: {embedder.name} on {len(training)} pairs, {info['steps']} steps, "
+                   f"{time.perf_counter() - started:.0f} s; loss {info['first_loss']:.4f} -> "
+                   f"{info['last_losses_mean']:.4f} (mean of the last 10); prefixes {sizes} -> {out_dir}")
+
+
+def torch_autocast(enabled: bool):
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)

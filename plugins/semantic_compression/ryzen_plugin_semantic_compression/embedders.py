@@ -58,23 +58,27 @@ class LMEmbedder:
 
         return last_hidden(self.model, ids)
 
+    def pooled(self, texts: Sequence[str]) -> torch.Tensor:
+        """Mean-pooled final hidden states [len(texts), dim], differentiable (training uses it)."""
+        token_lists = [self.tokenizer.encode(t)[: self.max_tokens] or [self.tokenizer.eos_id] for t in texts]
+        width = max(len(t) for t in token_lists)
+        ids = torch.full((len(texts), width), self.tokenizer.eos_id, dtype=torch.long)
+        mask = torch.zeros(len(texts), width, 1)
+        for row, tokens in enumerate(token_lists):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1.0
+        hidden = self._hidden(ids).float()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         was_training = self.model.training
         self.model.eval()
         try:
-            token_lists = [self.tokenizer.encode(t)[: self.max_tokens] or [self.tokenizer.eos_id] for t in texts]
+            lengths = [len(t) for t in texts]  # characters: a cheap stand-in for tokens when batching
             out = np.zeros((len(texts), self.dim), dtype=np.float32)
-            for batch in _length_sorted_batches([len(t) for t in token_lists], self.batch_size):
-                width = max(len(token_lists[i]) for i in batch)
-                ids = torch.full((len(batch), width), self.tokenizer.eos_id, dtype=torch.long)
-                mask = torch.zeros(len(batch), width, 1)
-                for row, i in enumerate(batch):
-                    ids[row, : len(token_lists[i])] = torch.tensor(token_lists[i])
-                    mask[row, : len(token_lists[i])] = 1.0
-                hidden = self._hidden(ids).float()
-                pooled = (hidden * mask).sum(1) / mask.sum(1)
-                out[batch] = pooled.numpy()
+            for batch in _length_sorted_batches(lengths, self.batch_size):
+                out[batch] = self.pooled([texts[i] for i in batch]).numpy()
             return out
         finally:
             self.model.train(was_training)
@@ -97,6 +101,7 @@ class EncoderEmbedder:
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is not a transformers model directory (no config.json)")
         self.name = name or path.name
+        self.source = path
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
@@ -105,23 +110,46 @@ class EncoderEmbedder:
         self.max_tokens = min(self.max_tokens, 512)
         self.dim = int(self.model.config.hidden_size)
 
+    def pooled(self, texts: Sequence[str]) -> torch.Tensor:
+        """Pooled token states [len(texts), dim] before the final normalisation, differentiable."""
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt")
+        hidden = self.model(**enc).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        lengths = [len(t) for t in texts]
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for batch in _length_sorted_batches(lengths, self.batch_size):
-            enc = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                                 max_length=self.max_tokens, return_tensors="pt")
-            hidden = self.model(**enc).last_hidden_state
-            if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            if self.normalize:
-                pooled = torch.nn.functional.normalize(pooled, dim=-1)
-            out[batch] = pooled.float().numpy()
-        return out
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = np.zeros((len(texts), self.dim), dtype=np.float32)
+            for batch in _length_sorted_batches([len(t) for t in texts], self.batch_size):
+                pooled = self.pooled([texts[i] for i in batch])
+                if self.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                out[batch] = pooled.float().numpy()
+            return out
+        finally:
+            self.model.train(was_training)
+
+    def save(self, directory: str | Path) -> None:
+        """Write the encoder as a sentence-transformers directory (weights as safetensors, the source's
+        pooling and normalisation modules copied), loadable by `load_embedder` and sentence-transformers."""
+        import shutil
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))
+        for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
+            if (self.source / name).is_file():
+                shutil.copyfile(self.source / name, directory / name)
+        for module in self.source.glob("[0-9]_*"):
+            if module.is_dir() and module.resolve() != directory.resolve():
+                shutil.copytree(module, directory / module.name, dirs_exist_ok=True)
 
 
 def _sentence_transformers_layout(path: Path) -> tuple[str, bool, int | None]:
@@ -205,10 +233,15 @@ def load_run_model(run_dir: str | Path, variant: str | None = None):
 
 
 def load_embedder(spec: str, batch_size: int = 32) -> Embedder:
-    """'minilm', a sentence-transformers/transformers encoder directory, or a Ryzen run directory."""
+    """'minilm', a sentence-transformers/transformers encoder directory, a Matryoshka adaptor directory
+    (`ryzen embed-train`), or a Ryzen run directory."""
     if spec == MINILM:
         return load_minilm(batch_size)
     path = Path(spec)
+    from .embedding_training import AdaptedEmbedder
+
+    if (path / AdaptedEmbedder.INFO_FILE).is_file():
+        return AdaptedEmbedder.load(path, lambda base: load_embedder(base, batch_size))
     if (path / "config.json").is_file() and ((path / "modules.json").is_file() or _is_encoder(path)):
         return EncoderEmbedder(path, batch_size=batch_size)
     model, tokenizer, label = load_run_model(path)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .matryoshka import output_head, prefix_sizes, truncated_head
 from .quantization import QuantizedIndex
-from .retrieval import RetrievalSet, overlap_at_k, retrieval_metrics
+from .retrieval import RetrievalSet, ndcg_per_query, overlap_at_k, retrieval_metrics
 from .saved_activations import (LEVELS, PeakTensorBytes, compressed_saved_activations, optimizer_state_tensors,
                                 tensor_bytes)
 from .sparse import apply_topk, current_sparsity, topk_layers
@@ -243,21 +243,156 @@ def retrieval_rows(queries: np.ndarray, documents: np.ndarray, relevant: Sequenc
     return rows
 
 
-def evaluate_embedder(embedder, rset: RetrievalSet, divisors: Sequence[int], rescore_multiplier: int) -> dict[str, Any]:
+def evaluate_embedder(embedder, rset: RetrievalSet, divisors: Sequence[int], rescore_multiplier: int,
+                      per_query_at: Sequence[int] = ()) -> dict[str, Any]:
+    """Retrieval rows for every prefix and search; `per_query_at` adds each query's float32 nDCG@10 at those
+    prefix sizes (for paired comparisons between models)."""
     started = time.perf_counter()
     documents = embedder.encode(rset.documents)
     queries = embedder.encode(rset.queries)
-    encode_s = time.perf_counter() - started
+    return evaluate_embeddings(embedder.name, embedder.center, queries, documents, rset, divisors, rescore_multiplier,
+                               per_query_at, encode_s=time.perf_counter() - started)
+
+
+def evaluate_embeddings(name: str, center: bool, queries: np.ndarray, documents: np.ndarray, rset: RetrievalSet,
+                        divisors: Sequence[int], rescore_multiplier: int, per_query_at: Sequence[int] = (),
+                        encode_s: float | None = None) -> dict[str, Any]:
     sizes = prefix_sizes(documents.shape[1], divisors)
-    rows = retrieval_rows(queries, documents, rset.relevant, embedder.center, sizes, rescore_multiplier)
-    return {"model": embedder.name, "dim": int(documents.shape[1]), "centered": embedder.center,
-            "set": rset.describe(), "encode_s": encode_s, "random_ndcg@10": random_ndcg(len(rset.documents)),
-            "rows": rows}
+    rows = retrieval_rows(queries, documents, rset.relevant, center, sizes, rescore_multiplier)
+    result = {"model": name, "dim": int(documents.shape[1]), "centered": center,
+              "set": rset.describe(), "encode_s": encode_s, "random_ndcg@10": random_ndcg(len(rset.documents)),
+              "rows": rows}
+    if per_query_at:
+        result["ndcg_per_query"] = {}
+        for size in per_query_at:
+            index = QuantizedIndex.build(documents, center=center, dims=size)
+            ranking = index.search(index.prepare_queries(queries), 10, "float32")
+            result["ndcg_per_query"][size] = ndcg_per_query(ranking, rset.relevant).tolist()
+    return result
 
 
 def random_ndcg(n_documents: int, k: int = 10) -> float:
     """Expected nDCG@k of a random ranking with one relevant document among n."""
     return sum(1.0 / math.log2(r + 2) for r in range(min(k, n_documents))) / n_documents
+
+
+def float_ndcg(result: dict[str, Any], dims: int) -> float:
+    return next(r["ndcg@10"] for r in result["rows"] if r["dims"] == dims and r["search"] == "float32")
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean of b - a over paired items (queries) with a 95% percentile-bootstrap interval."""
+    diff = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean_difference": float(diff.mean()), "ci95_low": float(low), "ci95_high": float(high),
+            "items": int(len(diff)), "resamples": resamples}
+
+
+def matryoshka_embedding_comparison(load_base: Callable[[], Any], rset: RetrievalSet, divisors: Sequence[int],
+                                    weights: Sequence[float] | None, training: dict[str, Any], method: str = "adaptor",
+                                    base_spec: str = "minilm", rescore_multiplier: int = 4, save_nested_to=None,
+                                    pairs: Sequence[tuple[str, str]] | None = None,
+                                    progress: Callable[[str], Callable[[int, float], None] | None] | None = None,
+                                    sweep: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Train one pretrained embedder twice, identically but for the loss: the nested contrastive loss over
+    prefixes ("nested") and the full width alone ("plain"); evaluate both and the untouched model on `rset`.
+
+    method "adaptor": a linear adaptor on the frozen encoder's embeddings (train_adaptor; `training` holds
+    AdaptorTraining fields plus max_tokens for encoding the training pairs). Also reported: the untouched
+    embeddings rotated onto their principal axes (fitted on the training pairs), the unsupervised way to put
+    the most variance first. method "full": the encoder itself is fine-tuned (train_embedder; EmbeddingTraining
+    fields plus max_tokens and bf16). `load_base` returns a fresh copy of the embedder named `base_spec`.
+    The margin at each prefix is the per-query nDCG@10 of nested minus plain with a paired bootstrap interval:
+    a clear margin is an interval above zero. `pairs` defaults to the stdlib training-split pairs that share
+    nothing with `rset`. `sweep` (adaptor only): further AdaptorTraining settings, each trained nested and plain
+    on the same embeddings, summarised in out["sweep"] (how much the verdict depends on the chosen settings).
+    """
+    from .embedding_training import (AdaptedEmbedder, AdaptorTraining, EmbeddingTraining, train_adaptor,
+                                     train_embedder, training_pairs)
+    from .matryoshka import nested_weights
+
+    training = dict(training)
+    max_tokens, bf16 = training.pop("max_tokens", None), training.pop("bf16", False)
+    pairs = training_pairs([rset]) if pairs is None else pairs
+    base = load_base()
+    width = base.dim
+    sizes = prefix_sizes(width, divisors)
+    plans = {"nested": nested_weights(width, divisors, weights), "plain": ([width], [1.0])}
+    out: dict[str, Any] = {"method": method, "set": rset.describe(), "training_pairs": len(pairs),
+                           "max_tokens": max_tokens, "bf16_autocast": bf16 if method == "full" else False,
+                           "sizes": sizes, "variants": ["base", "nested", "plain"]}
+
+    def evaluate(name: str, queries, documents, encode_s=None) -> dict[str, Any]:
+        return evaluate_embeddings(name, base.center, queries, documents, rset, divisors, rescore_multiplier,
+                                   per_query_at=sizes, encode_s=encode_s)
+
+    started = time.perf_counter()
+    eval_queries, eval_documents = base.encode(rset.queries), base.encode(rset.documents)
+    out["base"] = evaluate(base.name, eval_queries, eval_documents, time.perf_counter() - started)
+    if method == "adaptor":
+        eval_tokens = base.max_tokens
+        base.max_tokens = min(max_tokens or eval_tokens, eval_tokens)
+        started = time.perf_counter()
+        train_queries, train_documents = base.encode([q for q, _ in pairs]), base.encode([d for _, d in pairs])
+        out["training_encode_s"] = time.perf_counter() - started
+        base.max_tokens = eval_tokens
+        axes = principal_axes(np.concatenate([train_queries, train_documents]))
+        out["pca"] = evaluate(f"{base.name}, principal axes", eval_queries @ axes.T, eval_documents @ axes.T)
+        out["variants"].insert(1, "pca")
+        for variant, (plan_sizes, plan_weights) in plans.items():
+            plan = AdaptorTraining(sizes=plan_sizes, weights=plan_weights, **training)
+            embedder = AdaptedEmbedder(base, train_adaptor(train_queries, train_documents, plan), base_spec,
+                                       name=f"{base.name} + adaptor trained {variant}")
+            out[variant] = {**evaluate(embedder.name, embedder.adapt(eval_queries), embedder.adapt(eval_documents)),
+                            "training": plan.describe()}
+            if variant == "nested" and save_nested_to is not None:
+                embedder.save(save_nested_to, {"training": plan.describe(), "pairs": len(pairs)})
+                out["nested"]["saved_to"] = str(save_nested_to)
+        out["sweep"] = []
+        for changes in sweep:
+            trained = {}
+            for variant, (plan_sizes, plan_weights) in plans.items():
+                plan = AdaptorTraining(sizes=plan_sizes, weights=plan_weights, **{**training, **changes})
+                adaptor = AdaptedEmbedder(base, train_adaptor(train_queries, train_documents, plan), base_spec)
+                trained[variant] = evaluate(variant, adaptor.adapt(eval_queries), adaptor.adapt(eval_documents))
+            out["sweep"].append({
+                "settings": {**training, **changes},
+                "ndcg@10": {v: {s: float_ndcg(r, s) for s in sizes} for v, r in trained.items()},
+                "margin_nested_minus_plain": {s: paired_bootstrap(trained["plain"]["ndcg_per_query"][s],
+                                                                  trained["nested"]["ndcg_per_query"][s])
+                                              for s in sizes}})
+    elif method == "full":
+        del base
+        for variant, (plan_sizes, plan_weights) in plans.items():
+            embedder = load_base()
+            eval_tokens = embedder.max_tokens
+            embedder.max_tokens = min(max_tokens or eval_tokens, eval_tokens)
+            plan = EmbeddingTraining(sizes=plan_sizes, weights=plan_weights, **training)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                train_embedder(embedder, pairs, plan, progress(variant) if progress else None)
+            embedder.max_tokens = eval_tokens
+            embedder.name = f"{embedder.name}, fine-tuned {variant}"
+            out[variant] = {**evaluate_embedder(embedder, rset, divisors, rescore_multiplier, per_query_at=sizes),
+                            "training": plan.describe()}
+            if variant == "nested" and save_nested_to is not None:
+                embedder.save(save_nested_to)
+                out["nested"]["saved_to"] = str(save_nested_to)
+    else:
+        raise ValueError(f"unknown embedding training method {method!r} (adaptor or full)")
+    out["margin_nested_minus_plain"] = {
+        size: paired_bootstrap(out["plain"]["ndcg_per_query"][size], out["nested"]["ndcg_per_query"][size])
+        for size in sizes}
+    out["retention"] = {variant: {size: float_ndcg(out[variant], size) / float_ndcg(out[variant], width)
+                                  for size in sizes} for variant in out["variants"]}
+    return out
+
+
+def principal_axes(embeddings: np.ndarray) -> np.ndarray:
+    """Orthonormal rows ordered by the variance of the (mean-removed) embeddings along them."""
+    centered = embeddings - embeddings.mean(axis=0, keepdims=True)
+    return np.linalg.svd(centered.astype(np.float64), full_matrices=False)[2].astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- saved-activation memory

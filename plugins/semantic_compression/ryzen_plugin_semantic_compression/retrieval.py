@@ -202,9 +202,15 @@ def retrieval_metrics(rankings: np.ndarray, relevant: Sequence[int]) -> dict[str
     return {
         "recall@1": float((ranks == 0).mean()),
         "recall@10": float(hit.mean()),
-        "ndcg@10": float(np.where(hit, 1.0 / np.log2(safe + 2.0), 0.0).mean()),
+        "ndcg@10": float(ndcg_per_query(rankings, relevant).mean()),
         "mrr@10": float(np.where(hit, 1.0 / (safe + 1.0), 0.0).mean()),
     }
+
+
+def ndcg_per_query(rankings: np.ndarray, relevant: Sequence[int]) -> np.ndarray:
+    """nDCG@10 of each query (one relevant document): 1 / log2(rank + 2) for a hit in the top 10, else 0."""
+    ranks = ranks_of_relevant(rankings[:, :10], relevant)
+    return np.where(ranks >= 0, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
 
 
 def overlap_at_k(rankings: np.ndarray, reference: np.ndarray, k: int) -> float:

@@ -14,14 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .embedders import MINILM_MISSING, LMEmbedder, load_minilm, minilm_path
-from .evaluation import (evaluate_embedder, machine, mlp_decode_speed, perplexity_by_head_dims,
+from .embedders import MINILM, MINILM_MISSING, EncoderEmbedder, LMEmbedder, load_minilm, minilm_path
+from .evaluation import (evaluate_embedder, float_ndcg, machine, matryoshka_embedding_comparison, mlp_decode_speed,
+                         perplexity_by_head_dims,
                          perplexity_by_sparsity, sparse_decode_speed, training_step_memory,
                          truncated_head_decode_speed)
 from .matryoshka import output_head
 from .retrieval import load_retrieval_set
 from .sparse import apply_topk, current_sparsity
-from .tables import decode_table, head_dims_table, memory_table, retrieval_tables, sparsity_table
+from .tables import (decode_table, head_dims_table, matryoshka_embedding_table, memory_table, retrieval_tables,
+                     sparsity_table)
 
 log = logging.getLogger(__name__)
 PERPLEXITY_TOLERANCE = 0.05  # "within 5%" of the dense model
@@ -125,6 +127,24 @@ def evaluate_run(model, run_dir, config, settings, record) -> dict[str, Any]:
             record("retrieval", **_retrieval_summary(result))
     done("retrieval")
 
+    # 1b. Matryoshka for sentence embeddings: a pretrained encoder trained with and without the nested loss.
+    wants_minilm = settings.embedding_model == MINILM
+    if settings.embedding_training != "off" and (settings.minilm or not wants_minilm):
+        if wants_minilm and minilm_path() is None:
+            results["skipped"]["matryoshka_embeddings"] = MINILM_MISSING
+        else:
+            rset = load_retrieval_set(settings.retrieval_sources[0], settings.retrieval_pairs)
+            comparison = matryoshka_embedding_comparison(
+                load_minilm if wants_minilm else lambda: EncoderEmbedder(settings.embedding_model),
+                rset, settings.matryoshka_divisors, settings.matryoshka_weights,
+                training=embedding_training_arguments(settings, config.train.seed),
+                method=settings.embedding_training, base_spec=settings.embedding_model,
+                rescore_multiplier=settings.rescore_multiplier, save_nested_to=run_dir / "matryoshka-embedder",
+                progress=_embedding_progress(settings.embedding_steps))
+            results["matryoshka_embeddings"] = comparison
+            record("matryoshka_embeddings", **matryoshka_embedding_summary(comparison))
+            done("Matryoshka embedding training")
+
     # 4. Compressed saved activations: peak memory of a training step.
     memory_batch = data.train[: settings.memory_batch_size or batch_size]
     results["saved_activation_memory"] = {
@@ -139,6 +159,57 @@ def evaluate_run(model, run_dir, config, settings, record) -> dict[str, Any]:
     (run_dir / "compression_analysis.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (run_dir / "compression_report.md").write_text(markdown(results))
     return results
+
+
+def embedding_training_arguments(settings, seed: int) -> dict[str, Any]:
+    """AdaptorTraining / EmbeddingTraining fields (plus max_tokens, bf16) from the plugin's settings."""
+    common = dict(seed=seed, max_tokens=settings.embedding_max_tokens)
+    if settings.embedding_training == "adaptor":
+        return dict(common, epochs=settings.embedding_epochs, batch_size=settings.embedding_batch_size or 128,
+                    lr=settings.embedding_lr or 1e-3)
+    return dict(common, steps=settings.embedding_steps, batch_size=settings.embedding_batch_size or 32,
+                lr=settings.embedding_lr or 5e-5, bf16=embedding_bf16(settings.embedding_bf16))
+
+
+def embedding_bf16(setting) -> bool:
+    if setting != "auto":
+        return bool(setting)
+    from ryzen_core.report import cpu_description
+
+    return bool({"avx512_bf16", "avx512bf16", "amx_bf16"} & set(cpu_description()["flags"]))
+
+
+def _embedding_progress(steps: int):
+    """A progress bar per fine-tuning for a person watching; a log line every 20 steps otherwise (CI)."""
+    import sys
+
+    def start(variant: str):
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc=f"embedder fine-tuning, {variant}", unit="step", leave=False)
+
+            def update(step: int, loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if step + 1 == steps:
+                    bar.close()
+            return update
+
+        def log_line(step: int, loss: float) -> None:
+            if (step + 1) % 20 == 0 or step + 1 == steps:
+                log.info("compression: embedder fine-tuning (%s) step %d/%d, loss %.4f", variant, step + 1, steps, loss)
+        return log_line
+    return start
+
+
+def matryoshka_embedding_summary(comparison: dict[str, Any]) -> dict[str, Any]:
+    """The figures of the comparison without the per-query lists (those stay in compression_analysis.json)."""
+    sizes = comparison["sizes"]
+    return {"method": comparison["method"], "set": comparison["set"], "training_pairs": comparison["training_pairs"],
+            "ndcg@10": {v: {s: float_ndcg(comparison[v], s) for s in sizes} for v in comparison["variants"]},
+            "retention": comparison["retention"], "margin_nested_minus_plain": comparison["margin_nested_minus_plain"],
+            "training": {v: comparison[v]["training"] for v in ("nested", "plain")}}
 
 
 def _context(model) -> int:
@@ -171,5 +242,8 @@ def markdown(results: dict[str, Any]) -> str:
               "## Embedding quantization and Matryoshka prefixes", ""]
     for result in results["retrieval"]:
         lines += [retrieval_tables(result), ""]
+    if "matryoshka_embeddings" in results:
+        lines += ["## Matryoshka sentence embeddings: trained with and without the nested loss", "",
+                  matryoshka_embedding_table(results["matryoshka_embeddings"]), ""]
     lines += ["## Compressed saved activations", "", memory_table(results["saved_activation_memory"]), ""]
     return "\n".join(lines)

@@ -87,3 +87,60 @@ def memory_table(by_model: Mapping[str, Mapping[str, Any]]) -> str:
     return markdown_table(["model, batch", "saved activations", "peak MiB (weights + AdamW + step)",
                            "of which allocated in the step", "peak reduction", "ratio off/level [p25, p75]",
                            "gradient cosine vs exact"], rows)
+
+
+def matryoshka_embedding_table(comparison: Mapping[str, Any]) -> str:
+    """nDCG@10 per prefix for the untouched model, its nested and plain trainings, and the paired margin."""
+    sizes = comparison["sizes"]
+    full = sizes[-1]
+    retention = comparison["retention"]
+    nested, plain = comparison["nested"]["training"], comparison["plain"]["training"]
+    columns = {"base": "untouched", "pca": "untouched, principal axes", "plain": "trained plain",
+               "nested": "trained nested"}
+    variants = [v for v in ("base", "pca", "plain", "nested") if v in comparison["variants"]]
+
+    def ndcg(variant: str, dims: int) -> str:
+        value = next(r["ndcg@10"] for r in comparison[variant]["rows"] if r["dims"] == dims and r["search"] == "float32")
+        return f"{value:.3f} ({_pct(retention[variant][dims])})"
+
+    rows = []
+    for dims in sizes:
+        margin = comparison["margin_nested_minus_plain"][dims]
+        rows.append([f"{dims} (d/{full // dims})" if dims != full else f"{dims} (d)",
+                     *[ndcg(v, dims) for v in variants],
+                     f"{margin['mean_difference']:+.3f} [{margin['ci95_low']:+.3f}, {margin['ci95_high']:+.3f}]"])
+    if comparison["method"] == "adaptor":
+        how = (f"a linear adaptor (d x d, starts as the identity) on its frozen embeddings, {nested['epochs']} epochs "
+               f"({nested['steps']} steps) of {nested['batch_size']} pairs, AdamW lr {nested['lr']:g}; texts cut to "
+               f"{comparison['max_tokens']} tokens for encoding the pairs ({comparison['training_encode_s']:.0f} s)")
+    else:
+        how = (f"the whole encoder fine-tuned, {nested['steps']} steps of {nested['batch_size']} pairs, AdamW lr "
+               f"{nested['lr']:g} with warmup and linear decay, texts cut to {comparison['max_tokens']} tokens, bf16 "
+               f"autocast {'on' if comparison['bf16_autocast'] else 'off'}")
+    head = (f"**{comparison['base']['model']}** trained on {comparison['training_pairs']} stdlib training-split pairs "
+            f"(docstring summary -> source; none shared with the evaluation set): {how}; in-batch contrastive loss "
+            f"(scale {nested['scale']:g}), seed {nested['seed']}, the same batches for both. Nested: prefixes "
+            f"{nested['prefix_sizes']} weighted {[round(w, 3) for w in nested['weights']]}; plain: the full width "
+            f"alone. Training took {plain['seconds']:.1f} s (plain) and {nested['seconds']:.1f} s (nested). "
+            f"Evaluated on {comparison['set']['name']} ({comparison['set']['queries']} queries): float32 nDCG@10 "
+            f"(share of the same model's full width). Margin: per-query nDCG@10 of nested minus plain, mean with a "
+            f"95% paired bootstrap interval.")
+    return "\n".join([head, "", markdown_table(["prefix", *[columns[v] for v in variants],
+                                                "nested - plain [95% CI]"], rows)])
+
+
+def embedding_sweep_table(comparison: Mapping[str, Any]) -> str:
+    """One row per adaptor setting of the sweep: d/4 quality and retention, nested against plain."""
+    sizes = comparison["sizes"]
+    full, quarter = sizes[-1], max(s for s in sizes if s <= sizes[-1] // 4)
+    rows = []
+    for entry in comparison["sweep"]:
+        n, p = entry["ndcg@10"]["nested"], entry["ndcg@10"]["plain"]
+        margin = entry["margin_nested_minus_plain"][quarter]
+        settings = entry["settings"]
+        rows.append([f"{settings['epochs']} epochs, lr {settings['lr']:g}, batch {settings['batch_size']}",
+                     f"{n[quarter]:.3f} ({_pct(n[quarter] / n[full])})", f"{n[full]:.3f}",
+                     f"{p[quarter]:.3f} ({_pct(p[quarter] / p[full])})", f"{p[full]:.3f}",
+                     f"{margin['mean_difference']:+.3f} [{margin['ci95_low']:+.3f}, {margin['ci95_high']:+.3f}]"])
+    return markdown_table([f"adaptor setting", f"nested d/4 = {quarter}", "nested full", f"plain d/4", "plain full",
+                           "nested - plain at d/4 [95% CI]"], rows)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY = [
     "model.preset=tiny", "data.max_documents=12", "data.vocab_size=300", "data.seq_len=32",
@@ -20,6 +21,40 @@ TINY = [
     "compression.decode_new_tokens=4", "compression.memory_repeats=1", "compression.perplexity_batches=1",
     "compression.sparsity_levels=[0.5]",
 ]
+
+
+WORDS = ["sum", "mean", "median", "maximum", "minimum", "length", "product", "variance", "sort", "reverse",
+         "count", "first", "last", "unique", "square", "double"]
+
+
+@pytest.fixture(scope="session")
+def word_pairs() -> list[tuple[str, str]]:
+    """Query/document pairs in the tiny encoder's vocabulary."""
+    return [(f"return the {w} of the items", f"def {w} ( items ) : return {w} items") for w in WORDS]
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory):
+    """A tiny BERT sentence encoder (mean pooling, normalised) in the sentence-transformers layout."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("encoder")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "return", "the", "of", "items", "def", "(", ")", ":",
+             *WORDS]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(str(path))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(path))
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                                "pooling_mode_mean_tokens": True}))
+    (path / "2_Normalize").mkdir()
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -46,10 +81,12 @@ def pairs_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def compression_run(ryzen, tmp_path_factory, pairs_file) -> Path:
+def compression_run(ryzen, tmp_path_factory, pairs_file, encoder_dir) -> Path:
     out = tmp_path_factory.mktemp("run") / "r"
     args = ["run", "--plugins", "compression", "--out", str(out)]
-    for item in [*TINY, f"compression.retrieval_sources=[{pairs_file}]"]:
+    embedding = [f"compression.embedding_model={encoder_dir}", "compression.embedding_epochs=2",
+                 "compression.embedding_batch_size=4", "compression.embedding_max_tokens=16"]
+    for item in [*TINY, *embedding, f"compression.retrieval_sources=[{pairs_file}]"]:
         args += ["--set", item]
     result = ryzen(*args)
     assert result.returncode == 0, result.stderr[-3000:]

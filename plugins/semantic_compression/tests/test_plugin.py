@@ -43,6 +43,8 @@ def test_settings_are_validated():
         CompressionSettings(sparsity=1.0)
     with pytest.raises(ValueError):
         CompressionSettings(saved_activations="fp8")
+    with pytest.raises(ValueError, match="neither 'minilm' nor an encoder directory"):
+        CompressionSettings(embedding_model="/nonexistent/encoder")
 
 
 def test_on_model_load_makes_the_mlps_sparse():
@@ -132,11 +134,17 @@ def test_ryzen_run_reports_every_technique(compression_run):
     for expected in [("on_model_load", "sparse_activations"), ("transform_forward", "matryoshka"),
                      ("on_epoch_end", "adapting"), ("on_train_end", "matryoshka_head_perplexity"),
                      ("on_train_end", "sparsity_perplexity"), ("on_train_end", "retrieval"),
-                     ("on_train_end", "saved_activation_memory")]:
+                     ("on_train_end", "saved_activation_memory"), ("on_train_end", "matryoshka_embeddings")]:
         assert expected in events
     assert analysis["adaptations"]["optimized"]
     report = (compression_run / "optimized" / "compression_report.md").read_text()
     assert "binary+rescore(int8)" in report and "Matryoshka" in report
+    assert "trained with and without the nested loss" in report and "principal axes" in report
+    embeddings = json.loads((compression_run / "optimized" / "compression_analysis.json").read_text())[
+        "matryoshka_embeddings"]
+    assert embeddings["nested"]["training"]["prefix_sizes"] == [2, 4, 8, 16, 32]
+    assert embeddings["plain"]["training"]["prefix_sizes"] == [32] and embeddings["nested"]["training"]["epochs"] == 2
+    assert (compression_run / "optimized" / "matryoshka-embedder" / "adaptor.safetensors").is_file()
     assert "## compression (optimized)" in (compression_run / "report.md").read_text()
     saved = json.loads((compression_run / "optimized" / "compression.json").read_text())
     assert saved["sparsity"] > 0
