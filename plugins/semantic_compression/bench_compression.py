@@ -126,7 +126,8 @@ def main() -> None:
                                                               sparse_decode_speed, training_step_memory,
                                                               truncated_head_decode_speed)
     from ryzen_plugin_semantic_compression.retrieval import STDLIB_CODE_HALVES, STDLIB_FUNCTIONS, load_retrieval_set
-    from ryzen_plugin_semantic_compression.run_report import embedding_bf16, highest_level_within
+    from ryzen_plugin_semantic_compression.embedding_training import native_bf16
+    from ryzen_plugin_semantic_compression.run_report import highest_level_within
     from ryzen_plugin_semantic_compression.sparse import apply_topk, current_sparsity, topk_layers
 
     started = time.perf_counter()
@@ -209,10 +210,9 @@ def main() -> None:
         sweep = [dict(epochs=e, lr=lr, batch_size=b) for e, lr, b in
                  ((5, 1e-3, 128), (20, 1e-3, 128), (10, 3e-4, 128), (40, 3e-4, 128), (10, 1e-3, 256))]
         for method in methods:
-            training = (dict(epochs=args.embedding_epochs, batch_size=128, lr=1e-3, seed=0, max_tokens=128)
-                        if method == "adaptor" else
-                        dict(steps=args.embedding_steps, batch_size=32, lr=5e-5, seed=0, max_tokens=128,
-                             bf16=embedding_bf16("auto")))
+            # batch size and learning rate: each method's defaults (AdaptorTraining, EmbeddingTraining)
+            training = (dict(epochs=args.embedding_epochs, seed=0, max_tokens=128) if method == "adaptor" else
+                        dict(steps=args.embedding_steps, seed=0, max_tokens=128, bf16=native_bf16()))
             results["matryoshka_embeddings"][method] = matryoshka_embedding_comparison(
                 load_minilm, functions, divisors, None, training, method=method,
                 sweep=sweep if method == "adaptor" else ())

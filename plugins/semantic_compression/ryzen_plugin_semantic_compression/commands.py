@@ -153,11 +153,10 @@ def add_commands(cli: click.Group) -> None:
         with the held-out evaluation set) or a .jsonl file of {"query", "document"} pairs.
         """
         from .embedders import EncoderEmbedder, load_embedder
-        from .embedding_training import (AdaptedEmbedder, AdaptorTraining, EmbeddingTraining, train_adaptor,
-                                         train_embedder, training_pairs)
+        from .embedding_training import (AdaptedEmbedder, AdaptorTraining, EmbeddingTraining, encode_pairs, fine_tune,
+                                         native_bf16, train_adaptor, training_pairs)
         from .matryoshka import nested_weights
         from .retrieval import jsonl_pair_set, stdlib_function_set
-        from .run_report import embedding_bf16
 
         try:
             sizes_from = [int(d) for d in divisors.split(",")]
@@ -172,7 +171,7 @@ def add_commands(cli: click.Group) -> None:
             training = [(q, rset.documents[r]) for q, r in zip(rset.queries, rset.relevant)]
         else:
             raise click.BadParameter(f"{pairs!r} is neither {STDLIB_FUNCTIONS} nor a .jsonl file", param_hint="PAIRS")
-        batch_size = batch_size or (128 if method == "adaptor" else 32)
+        batch_size = batch_size or (AdaptorTraining if method == "adaptor" else EmbeddingTraining).batch_size
         if len(training) < batch_size:
             raise click.BadParameter(f"{len(training)} pairs, fewer than one batch of {batch_size}",
                                      param_hint="--batch-size")
@@ -180,22 +179,18 @@ def add_commands(cli: click.Group) -> None:
         if method == "full" and not isinstance(embedder, EncoderEmbedder):
             raise click.BadParameter("--method full needs an encoder directory or 'minilm'", param_hint="--model")
         sizes, weights = ([embedder.dim], [1.0]) if plain else nested_weights(embedder.dim, sizes_from)
-        eval_tokens, embedder.max_tokens = embedder.max_tokens, min(max_tokens, embedder.max_tokens)
+        chosen = {k: v for k, v in dict(batch_size=batch_size, lr=lr).items() if v is not None}
         started = time.perf_counter()
         if method == "adaptor":
             click.echo(f"embedding {len(training)} pairs with {embedder.name} ...", err=True)
-            queries, documents = embedder.encode([q for q, _ in training]), embedder.encode([d for _, d in training])
-            embedder.max_tokens = eval_tokens
-            plan = AdaptorTraining(sizes=sizes, weights=weights, epochs=epochs, batch_size=batch_size,
-                                   lr=lr or 1e-3, seed=seed)
+            queries, documents = encode_pairs(embedder, training, max_tokens)
+            plan = AdaptorTraining(sizes=sizes, weights=weights, epochs=epochs, seed=seed, **chosen)
             spec = model_spec if model_spec == "minilm" else str(Path(model_spec).resolve())
             AdaptedEmbedder(embedder, train_adaptor(queries, documents, plan), spec).save(
                 out_dir, {"pairs": pairs, "training_pairs": len(training), "max_tokens": max_tokens,
                           "training": plan.describe()})
         else:
-            plan = EmbeddingTraining(sizes=sizes, weights=weights, steps=steps, batch_size=batch_size,
-                                     lr=lr or 5e-5, seed=seed)
-            use_bf16 = embedding_bf16("auto" if bf16 is None else bf16)
+            use_bf16 = native_bf16("auto" if bf16 is None else bf16)
             from tqdm.auto import tqdm
 
             with tqdm(total=steps, desc="fine-tuning", unit="step", disable=None) as bar:
@@ -203,9 +198,9 @@ def add_commands(cli: click.Group) -> None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3f}")
 
-                with torch_autocast(use_bf16):
-                    train_embedder(embedder, training, plan, progress)
-            embedder.max_tokens = eval_tokens
+                plan = fine_tune(embedder, training, EmbeddingTraining(sizes=sizes, weights=weights, steps=steps,
+                                                                       seed=seed, **chosen),
+                                 max_tokens, use_bf16, progress)
             embedder.save(out_dir)
             (out_dir / "ryzen_embedding_training.json").write_text(json.dumps(
                 {"base": model_spec, "pairs": pairs, "training_pairs": len(training), "bf16_autocast": use_bf16,
@@ -215,8 +210,3 @@ def add_commands(cli: click.Group) -> None:
                    f"{time.perf_counter() - started:.0f} s; loss {info['first_loss']:.4f} -> "
                    f"{info['last_losses_mean']:.4f} (mean of the last 10); prefixes {sizes} -> {out_dir}")
 
-
-def torch_autocast(enabled: bool):
-    import torch
-
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)

@@ -21,6 +21,7 @@ unseen; pairs whose query or document also occurs there are dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -61,6 +62,40 @@ def training_pairs(exclude: Sequence = (), min_summary_words: int = 4) -> list[t
             if q.lower() not in seen_queries and train.documents[r] not in seen_documents]
 
 
+@contextlib.contextmanager
+def texts_cut_to(embedder, max_tokens: int | None):
+    """Within the block the embedder cuts texts to `max_tokens` (never above its own limit): training and
+    encoding the training pairs use short texts, evaluation the model's own limit."""
+    own = embedder.max_tokens
+    embedder.max_tokens = min(max_tokens or own, own)
+    try:
+        yield embedder
+    finally:
+        embedder.max_tokens = own
+
+
+def native_bf16(setting: bool | str = "auto") -> bool:
+    """bf16 autocast on or off; "auto": on where the CPU has native bf16 (AVX-512 BF16 or AMX)."""
+    if setting != "auto":
+        return bool(setting)
+    from ryzen_core.report import cpu_description
+
+    return bool({"avx512_bf16", "avx512bf16", "amx_bf16"} & set(cpu_description()["flags"]))
+
+
+def encode_pairs(embedder, pairs: Sequence[tuple[str, str]], max_tokens: int | None):
+    """(query embeddings, document embeddings) of the pairs, texts cut to `max_tokens`."""
+    with texts_cut_to(embedder, max_tokens):
+        return embedder.encode([q for q, _ in pairs]), embedder.encode([d for _, d in pairs])
+
+
+def fine_tune(embedder, pairs: Sequence[tuple[str, str]], plan: "EmbeddingTraining", max_tokens: int | None,
+              bf16: bool, progress=None) -> "EmbeddingTraining":
+    """train_embedder with texts cut to `max_tokens` and, if asked, under bf16 autocast."""
+    with texts_cut_to(embedder, max_tokens), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return train_embedder(embedder, pairs, plan, progress)
+
+
 def _run_summary(losses: list[float], seconds: float) -> dict:
     return {"scale": SCALE, "seconds": seconds, "first_loss": losses[0] if losses else None,
             "last_losses_mean": sum(losses[-10:]) / len(losses[-10:]) if losses else None}
@@ -72,7 +107,7 @@ class EmbeddingTraining:
 
     sizes: list[int]
     weights: list[float]
-    steps: int = 150
+    steps: int = 80
     batch_size: int = 32
     lr: float = 5e-5
     warmup_fraction: float = 0.1

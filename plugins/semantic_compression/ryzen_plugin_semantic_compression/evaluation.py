@@ -309,8 +309,8 @@ def matryoshka_embedding_comparison(load_base: Callable[[], Any], rset: Retrieva
     nothing with `rset`. `sweep` (adaptor only): further AdaptorTraining settings, each trained nested and plain
     on the same embeddings, summarised in out["sweep"] (how much the verdict depends on the chosen settings).
     """
-    from .embedding_training import (AdaptedEmbedder, AdaptorTraining, EmbeddingTraining, train_adaptor,
-                                     train_embedder, training_pairs)
+    from .embedding_training import (AdaptedEmbedder, AdaptorTraining, EmbeddingTraining, encode_pairs, fine_tune,
+                                     train_adaptor, training_pairs)
     from .matryoshka import nested_weights
 
     training = dict(training)
@@ -332,12 +332,9 @@ def matryoshka_embedding_comparison(load_base: Callable[[], Any], rset: Retrieva
     eval_queries, eval_documents = base.encode(rset.queries), base.encode(rset.documents)
     out["base"] = evaluate(base.name, eval_queries, eval_documents, time.perf_counter() - started)
     if method == "adaptor":
-        eval_tokens = base.max_tokens
-        base.max_tokens = min(max_tokens or eval_tokens, eval_tokens)
         started = time.perf_counter()
-        train_queries, train_documents = base.encode([q for q, _ in pairs]), base.encode([d for _, d in pairs])
+        train_queries, train_documents = encode_pairs(base, pairs, max_tokens)
         out["training_encode_s"] = time.perf_counter() - started
-        base.max_tokens = eval_tokens
         axes = principal_axes(np.concatenate([train_queries, train_documents]))
         out["pca"] = evaluate(f"{base.name}, principal axes", eval_queries @ axes.T, eval_documents @ axes.T)
         out["variants"].insert(1, "pca")
@@ -367,12 +364,8 @@ def matryoshka_embedding_comparison(load_base: Callable[[], Any], rset: Retrieva
         del base
         for variant, (plan_sizes, plan_weights) in plans.items():
             embedder = load_base()
-            eval_tokens = embedder.max_tokens
-            embedder.max_tokens = min(max_tokens or eval_tokens, eval_tokens)
-            plan = EmbeddingTraining(sizes=plan_sizes, weights=plan_weights, **training)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                train_embedder(embedder, pairs, plan, progress(variant) if progress else None)
-            embedder.max_tokens = eval_tokens
+            plan = fine_tune(embedder, pairs, EmbeddingTraining(sizes=plan_sizes, weights=plan_weights, **training),
+                             max_tokens, bf16, progress(variant) if progress else None)
             embedder.name = f"{embedder.name}, fine-tuned {variant}"
             out[variant] = {**evaluate_embedder(embedder, rset, divisors, rescore_multiplier, per_query_at=sizes),
                             "training": plan.describe()}

@@ -162,21 +162,16 @@ def evaluate_run(model, run_dir, config, settings, record) -> dict[str, Any]:
 
 
 def embedding_training_arguments(settings, seed: int) -> dict[str, Any]:
-    """AdaptorTraining / EmbeddingTraining fields (plus max_tokens, bf16) from the plugin's settings."""
-    common = dict(seed=seed, max_tokens=settings.embedding_max_tokens)
+    """AdaptorTraining / EmbeddingTraining fields (plus max_tokens, bf16) from the plugin's settings; unset
+    batch size and learning rate keep each method's own defaults."""
+    from .embedding_training import native_bf16
+
+    chosen = dict(batch_size=settings.embedding_batch_size, lr=settings.embedding_lr)
+    arguments = dict({k: v for k, v in chosen.items() if v is not None}, seed=seed,
+                     max_tokens=settings.embedding_max_tokens)
     if settings.embedding_training == "adaptor":
-        return dict(common, epochs=settings.embedding_epochs, batch_size=settings.embedding_batch_size or 128,
-                    lr=settings.embedding_lr or 1e-3)
-    return dict(common, steps=settings.embedding_steps, batch_size=settings.embedding_batch_size or 32,
-                lr=settings.embedding_lr or 5e-5, bf16=embedding_bf16(settings.embedding_bf16))
-
-
-def embedding_bf16(setting) -> bool:
-    if setting != "auto":
-        return bool(setting)
-    from ryzen_core.report import cpu_description
-
-    return bool({"avx512_bf16", "avx512bf16", "amx_bf16"} & set(cpu_description()["flags"]))
+        return dict(arguments, epochs=settings.embedding_epochs)
+    return dict(arguments, steps=settings.embedding_steps, bf16=native_bf16(settings.embedding_bf16))
 
 
 def _embedding_progress(steps: int):
