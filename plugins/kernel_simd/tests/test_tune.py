@@ -57,8 +57,11 @@ def test_trials_record_speed_and_soundness_and_the_choice_is_sound(tiny_model, c
         assert t["loss_relative_difference"] <= 0.02
         assert t["accepted"] == (t["speedup"]["p25"] > 1.0)
     chosen = Strategy(**result["chosen"])
-    for t in result["trials"]:
-        assert (getattr(chosen, t["knob"]) == t["value"]) == t["accepted"]
+    if (result["confirmation"] or {}).get("fell_back"):  # the timing is real: on a busy machine the final check may say slower
+        assert result["chosen"] == result["start"]
+    else:
+        for t in result["trials"]:
+            assert (getattr(chosen, t["knob"]) == t["value"]) == t["accepted"]
     losses = result["reference_loss"]
     assert losses["after_3_steps"] < losses["after_0_steps"]  # one warm-up and two timed rounds of one step train
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))  # tuning works on copies
