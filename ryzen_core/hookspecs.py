@@ -41,6 +41,16 @@ def on_epoch_end(epoch, metrics, model, config, settings, record):
 
 
 @hookspec
+def on_train_batch_end(step, model, optimizer, metrics, config, settings, record):
+    """Called after each optimizer step (named as in Lightning); may update the plugin's own state, e.g. an EMA."""
+
+
+@hookspec
+def on_train_finalize(model, config, settings, record):
+    """Called once when training stops, before the final checkpoint and every artifact; may change weights in place."""
+
+
+@hookspec
 def on_train_end(model, metrics, run_dir, config, settings, record):
     """Called once after training with the final metrics; may write files into run_dir."""
 

@@ -161,7 +161,8 @@ def optimization_analysis(host: PluginHost, config: RunConfig, summaries: dict[s
     }
 
 
-TRAINING_HOOKS = ("on_model_load", "transform_forward", "on_train_start", "on_epoch_end")
+TRAINING_HOOKS = ("on_model_load", "transform_forward", "on_train_start", "on_train_batch_end", "on_epoch_end",
+                  "on_train_finalize")
 
 
 def changes_training(host: PluginHost, plugins: Sequence[str]) -> bool:

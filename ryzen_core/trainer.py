@@ -2,9 +2,10 @@
 optional bf16 autocast, NaN guard, evaluation with early stopping, checkpoints and resume,
 and data parallelism over torch.distributed (gloo).
 
-Plugins enter at four points: on_model_load (after the model is built), transform_forward
-(the forward used for training steps), on_train_start (after the optimizer exists) and
-on_epoch_end (after each evaluation; here an "epoch" is one evaluation interval).
+Plugins enter at six points: on_model_load (after the model is built), transform_forward
+(the forward used for training steps), on_train_start (after the optimizer exists),
+on_train_batch_end (after each optimizer step), on_epoch_end (after each evaluation; here an
+"epoch" is one evaluation interval) and on_train_finalize (once, before the final checkpoint).
 Evaluation always uses the plain fp32 forward, so a baseline run and an optimized run are
 judged by the same yardstick.
 """
@@ -314,6 +315,16 @@ class Trainer:
         return True
 
     # -- the loop ----------------------------------------------------------------------
+    def _finalize(self) -> None:
+        """Let plugins settle the weights (e.g. swap in an EMA); re-measure validation loss if one did."""
+        hooked = {impl.plugin_name for impl in self.host.pm.hook.on_train_finalize.get_hookimpls()}
+        finalizers = [name for name in self.active_plugins if name in hooked]
+        self.host.call_each("on_train_finalize", finalizers, model=self.model, config=self.config)
+        if finalizers:
+            val_loss = self.evaluate()
+            self.metrics.log_eval(self.step, self.step * self.tokens_per_step, val_loss, self.elapsed)
+            log.info("%s: val_loss %.4f after on_train_finalize (%s)", self.label, val_loss, ", ".join(finalizers))
+
     def _done(self) -> str | None:
         if self.total_steps is not None and self.step >= self.total_steps:
             return "budget (steps/tokens)"
@@ -331,10 +342,13 @@ class Trainer:
                    disable=not interactive() or self.rank != 0, dynamic_ncols=True)
         log_every = max(1, (self.total_steps or 100) // 10)
         stopped = self._done()
+        trained = stopped is None  # a resumed run that had already finished is final as it stands
         with logging_redirect_tqdm():  # log lines print above the bar instead of breaking it
             while stopped is None:
                 self.train_step()
                 row = self.metrics.steps[-1]
+                self.host.call_each("on_train_batch_end", self.active_plugins, step=self.step, model=self.model,
+                                    optimizer=self.optimizer, metrics=dict(row), config=self.config)
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
                 if bar.disable and self.rank == 0 and (self.step % log_every == 0 or self.step == 1):
@@ -344,7 +358,10 @@ class Trainer:
                 if self.step % self.tc.eval_every == 0 or stopped:
                     if self._evaluate_and_adapt() and stopped is None:
                         stopped = f"early stopping (no improvement in {self.tc.early_stop_patience} evaluations)"
-                if self.step % self.tc.checkpoint_every == 0 or stopped:
+                if self.step % self.tc.checkpoint_every == 0 and stopped is None:
                     self.save()
         bar.close()
+        if trained:
+            self._finalize()
+            self.save()  # the final checkpoint holds the finalized weights every other artifact comes from
         return TrainResult(self.model, self.metrics, stopped, self.run_dir, self.plugins, dict(self.host.disabled))

@@ -11,7 +11,7 @@ HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
 
 
 def test_hook_list_is_what_the_docs_say():
-    assert len(HOOKS) == 10
+    assert len(HOOKS) == 12
 
 
 def test_every_hook_has_a_docs_heading():
