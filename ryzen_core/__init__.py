@@ -20,7 +20,10 @@ _LAZY = {
     "build_model": "models.build",
     "prepare_data": "data", "Tokenizer": "data", "DataError": "data",
     "Trainer": "trainer", "TrainResult": "trainer",
-    "paired_ratios": "validator", "validate": "validator",
+    "validate": "validator",
+    "paired_ratios": "measure", "compare_pairs": "measure", "PairedComparison": "measure", "summarize": "measure",
+    "format_ratio": "measure", "measure_until_narrow": "measure", "median_interval": "measure",
+    "gemm_rates": "hardware_limits", "read_bandwidth_gbs": "hardware_limits",
     "Backend": "backends", "TorchBackend": "backends",
 }
 

@@ -22,6 +22,10 @@ class RyzenGroup(click.Group):
         except RyzenError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:  # a write or read the code did not map itself: still one line, with the path
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"Error: {where}{exc.strerror or exc}", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
@@ -161,19 +165,22 @@ def bench_group():
 @plugins_option
 @config_option
 @set_option
-@click.option("--rounds", type=click.IntRange(min=2), default=7, show_default=True, help="Timed rounds per side.")
+@click.option("--rounds", type=click.IntRange(min=2), default=7, show_default=True,
+              help="Timed rounds per side, at least.")
+@click.option("--max-rounds", type=click.IntRange(min=2), default=15, show_default=True,
+              help="Rounds are added up to this many while the speedup's 95% interval is wider than +-5%.")
 @click.option("--steps", "steps_per_round", type=click.IntRange(min=1), default=5, show_default=True,
               help="Optimizer steps per round.")
 @click.option("--json-out", type=click.Path(path_type=Path), help="Also write the result as JSON here.")
 @click.pass_context
-def bench_train_command(ctx, plugins, config_path, overrides, rounds, steps_per_round, json_out):
+def bench_train_command(ctx, plugins, config_path, overrides, rounds, max_rounds, steps_per_round, json_out):
     """Training tokens/s and model FLOPs utilization; with --plugins, paired against the baseline."""
     from .bench import bench_train, train_bench_markdown
     from .report import write_json
 
     host = _host(ctx)
     config = prepare(host, config_path, overrides, _split_plugins(plugins))
-    result = bench_train(config, host, config.plugins, rounds, steps_per_round)
+    result = bench_train(config, host, config.plugins, rounds, steps_per_round, max_rounds=max_rounds)
     if json_out:
         write_json(json_out, result)
     click.echo(train_bench_markdown(result, config))

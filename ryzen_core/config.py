@@ -35,6 +35,8 @@ class ModelConfig(Section):
     """A local directory written by save_pretrained (model.source: hf)."""
     hf_config: Path | None = None
     """A transformers config.json to build a fresh model from (model.source: hf)."""
+    hf_overrides: dict[str, list[Any]] = Field(default_factory=dict)
+    """Written by the run, never read: values of the HF config replaced to fit the tokenizer, {key: [given, used]}."""
 
     @model_validator(mode="after")
     def _hf_needs_one_origin(self):
@@ -106,7 +108,19 @@ class ValidateConfig(Section):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
     warmup: int = Field(2, ge=0)
     repeats: int = Field(7, gt=0)
+    """Timed rounds at least; more are added while an interval is wider than target_half_width."""
+    max_repeats: int = Field(15, gt=0)
+    target_half_width: float = Field(0.05, gt=0)
+    """Relative half-width of the ratio's confidence interval at which rounds stop being added."""
     perplexity_batches: int = Field(16, gt=0)
+    isolation: Literal["process", "inline"] = "process"
+    """'process': each backend built and run alone in a worker process, so its memory is its own and no
+    engine's threads slow another's; 'inline': every backend in this process (faster to start, for tests)."""
+    threads: int | None = Field(None, gt=0)
+    """Intra-op threads pinned in every worker (torch and, through RYZEN_BACKEND_THREADS, plugin engines);
+    default: this process's torch thread count."""
+    worker_timeout_s: float = Field(900.0, gt=0)
+    """A worker that answers no request (start, one generation, perplexity) within this is stopped and reported."""
 
     @model_validator(mode="after")
     def _positive_batches(self):
@@ -231,3 +245,35 @@ def resolve_plugin_settings(config: RunConfig, settings_models: Mapping[str, typ
         # Keep the validated form in the config so `config show` and reports print the effective values.
         setattr(config, name, resolved[name].model_dump(mode="json"))
     return resolved
+
+
+def check_model_fits_data(config: RunConfig) -> None:
+    """Cross-field checks that need the model's sizes (data.seq_len vs its context, the tokenizer vs its
+    vocabulary), made before any data is prepared; raises ConfigError naming both fields."""
+    m = config.model
+    if m.source == "builtin":
+        from .models.build import builtin_config
+
+        sizes = builtin_config(m, config.data.vocab_size)  # also checks d_model against n_heads
+        context, where = sizes.context_length, ("model.context_length" if m.context_length
+                                                else f"model.preset '{m.preset}'")
+    else:
+        from .models.hf import hf_config
+
+        try:
+            hf = hf_config(m.hf_path or m.hf_config)
+        except ValueError as exc:  # bad JSON, no model_type, a model_type transformers does not know
+            raise ConfigError(f"config error: model.{'hf_path' if m.hf_path else 'hf_config'}: "
+                              f"{str(exc).splitlines()[0].split('. ')[0]}") from None
+        context = getattr(hf, "max_position_embeddings", None)
+        where = f"max_position_embeddings of {m.hf_path / 'config.json' if m.hf_path else m.hf_config}"
+        if m.hf_path is not None:
+            from .data import Tokenizer
+
+            tokens = Tokenizer.from_hf_dir(m.hf_path).vocab_size
+            if tokens > hf.vocab_size:
+                raise ConfigError(f"config error: the tokenizer in model.hf_path {m.hf_path} has {tokens} tokens but "
+                                  f"the model's vocab_size is {hf.vocab_size}; save them together (save_pretrained)")
+    if context is not None and config.data.seq_len > context:
+        raise ConfigError(f"config error: data.seq_len ({config.data.seq_len}) exceeds the model's context of "
+                          f"{context} tokens ({where}); lower data.seq_len or use a longer context")

@@ -1,20 +1,10 @@
 """Inference validation: speed, memory and quality of inference backends, measured in one run.
 
-The method (every performance figure Ryzen prints follows it):
-
-- **Same run, interleaved.** Baseline and candidate are measured in the same process,
-  alternating A B A B ... (with several candidates, baseline then each candidate, round
-  after round), after `warmup` untimed rounds. Drift of the machine (turbo, thermal state,
-  other load) then hits both sides of a pair alike.
-- **Ratios, not absolutes.** Each round gives one ratio candidate vs baseline, oriented so
-  that a ratio > 1 means the candidate is better: candidate/baseline for rates (tokens/s),
-  baseline/candidate for durations (time to first token). The headline is the median of
-  those per-round ratios.
-- **Spread.** The spread is the interquartile range of the per-round ratios, p75 - p25
-  (numpy's linear-interpolated percentiles); min and max are reported beside it and the
-  raw per-round values are kept.
-- **Verdict.** A difference |median ratio - 1| no larger than the spread is reported as
-  "no measurable difference"; otherwise the candidate is "faster" or "slower".
+Comparisons follow the one method in `ryzen_core.measure`: baseline and candidates are timed
+in the same process, interleaved round after round (baseline, then each candidate) after
+`warmup` untimed rounds; each round gives a ratio (> 1: the candidate is better); the headline
+is the median ratio with a 95% bootstrap interval, rounds are added (up to `max_repeats`) until
+the interval is narrow, and a verdict is given only when the interval excludes 1.
 
 Timing uses time.perf_counter around greedy generation with eos disabled, so every run
 decodes exactly the same number of tokens; Python's garbage collector is paused during a
@@ -27,11 +17,12 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import psutil
@@ -40,98 +31,11 @@ import torch.nn.functional as F
 
 from .backends import Backend
 from .config import ValidateConfig
+from .measure import (INTERVAL_DEFINITION, VERDICT_RULE, PairedComparison, busy_warning, compare_pairs,  # noqa: F401
+                      conditions, format_ratio, load_snapshot, measure_until_narrow, paired_ratios, summarize)
 
 MIB = 1024 * 1024
 RSS_POLL_S = 0.002
-SPREAD_DEFINITION = ("interquartile range of the per-round ratios, p75 - p25 (numpy linear-interpolated "
-                     "percentiles); min and max are reported as well")
-VERDICT_RULE = "'no measurable difference' when |median ratio - 1| <= spread, else the better or worse word"
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def _percentile(values: np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q))
-
-
-def summarize(values: Iterable[float]) -> dict[str, float | int]:
-    """n, mean, p50, p90, p99, std (sample, ddof=1; 0 for one value), min and max of `values`."""
-    data = np.asarray(list(values), dtype=np.float64)
-    if data.size == 0:
-        raise ValueError("summarize needs at least one value")
-    return {
-        "n": int(data.size),
-        "mean": float(data.mean()),
-        "p50": _percentile(data, 50),
-        "p90": _percentile(data, 90),
-        "p99": _percentile(data, 99),
-        "std": float(data.std(ddof=1)) if data.size > 1 else 0.0,
-        "min": float(data.min()),
-        "max": float(data.max()),
-    }
-
-
-@dataclass
-class PairedComparison:
-    """Candidate (B) vs baseline (A) from interleaved measurements; ratio > 1 means B is better."""
-
-    higher_is_better: bool
-    median_ratio: float
-    p25: float
-    p75: float
-    spread: float
-    min: float
-    max: float
-    n: int
-    verdict: str
-    ratios: list[float]
-    values_a: list[float]
-    values_b: list[float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def compare_pairs(values_a: Sequence[float], values_b: Sequence[float], higher_is_better: bool,
-                  better: str = "faster", worse: str = "slower") -> PairedComparison:
-    """Ratios of measurements taken in pairs (values_a[i] next to values_b[i]); see the module docstring."""
-    a = np.asarray(values_a, dtype=np.float64)
-    b = np.asarray(values_b, dtype=np.float64)
-    if a.size == 0 or a.shape != b.shape:
-        raise ValueError(f"need the same non-zero number of A and B measurements, got {a.size} and {b.size}")
-    if (a <= 0).any() or (b <= 0).any():
-        raise ValueError("measurements must be positive to form ratios")
-    ratios = b / a if higher_is_better else a / b
-    median, p25, p75 = (_percentile(ratios, q) for q in (50, 25, 75))
-    spread = p75 - p25
-    if abs(median - 1.0) <= spread:
-        verdict = "no measurable difference"
-    else:
-        verdict = better if median > 1.0 else worse
-    return PairedComparison(higher_is_better=higher_is_better, median_ratio=median, p25=p25, p75=p75,
-                            spread=spread, min=float(ratios.min()), max=float(ratios.max()), n=int(ratios.size),
-                            verdict=verdict, ratios=ratios.tolist(), values_a=a.tolist(), values_b=b.tolist())
-
-
-def paired_ratios(run_a: Callable[[], float], run_b: Callable[[], float], warmup: int, repeats: int,
-                  higher_is_better: bool, better: str = "faster", worse: str = "slower") -> PairedComparison:
-    """Measure A and B interleaved (A B A B ...): `warmup` untimed pairs, then `repeats` pairs compared.
-
-    Each callable performs one measurement and returns its value (tokens/s, seconds, ...).
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    for _ in range(warmup):
-        run_a()
-        run_b()
-    values_a, values_b = [], []
-    for _ in range(repeats):
-        values_a.append(run_a())
-        values_b.append(run_b())
-    return compare_pairs(values_a, values_b, higher_is_better, better, worse)
-
-
 
 
 # ----------------------------------------------------------------------------- timing one generation
@@ -235,6 +139,39 @@ class PeakRssSampler:
         return self.peak_mb - self.baseline_mb
 
 
+def current_rss_mib() -> float:
+    return psutil.Process().memory_info().rss / MIB
+
+
+def process_peak_rss_mib() -> float:
+    """This process's peak resident set (MiB) since it started or since `reset_process_peak_rss`.
+
+    The kernel's VmHWM, not getrusage's ru_maxrss: a process started by exec inherits its
+    parent's high-water mark in ru_maxrss, which also cannot be reset. ru_maxrss only where
+    /proc is absent.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (MIB if sys.platform == "darwin" else 1024)
+
+
+def reset_process_peak_rss() -> bool:
+    """Start a new peak from the current RSS (Linux: '5' into /proc/self/clear_refs); False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------- quality
 
 
@@ -282,55 +219,155 @@ def _timing_summaries(timings: list[GenerationTiming]) -> dict[str, Any]:
     }
 
 
-def _validate_batch(backends: Mapping[str, Backend], baseline: str, prompts: torch.Tensor,
-                    cfg: ValidateConfig) -> dict[str, Any]:
-    names = [baseline, *(n for n in backends if n != baseline)]
+def _validate_batch(workers: Mapping[str, Any], baseline: str, prompts: torch.Tensor, cfg: ValidateConfig,
+                    fidelity_reference: Mapping[str, str], reference_workers: Mapping[str, Any],
+                    failures: dict[str, dict[str, str]]) -> dict[str, Any]:
+    from .workers import WorkerFailed
+
+    stage = f"batch size {prompts.shape[0]}"
+    names = [name for name in workers if name not in failures]  # the baseline first
+    timings: dict[str, list[GenerationTiming]] = {name: [] for name in names}
+
+    def drop(name: str, exc: WorkerFailed) -> None:
+        _record_failure(failures, name, stage, exc, baseline)
+        names.remove(name)
+        timings.pop(name)
+
+    def run(name: str, keep: bool) -> None:
+        try:
+            timing = workers[name].time_generation(prompts, cfg.new_tokens)
+        except WorkerFailed as exc:
+            drop(name, exc)
+            return
+        if keep:
+            timings[name].append(timing)
+
     # Round-robin: baseline then each candidate, so every candidate run sits next to a baseline run.
     for _ in range(cfg.warmup):
-        for name in names:
-            time_generation(backends[name], prompts, cfg.new_tokens)
-    timings: dict[str, list[GenerationTiming]] = {name: [] for name in names}
-    for _ in range(cfg.repeats):
-        for name in names:
-            timings[name].append(time_generation(backends[name], prompts, cfg.new_tokens))
+        for name in list(names):
+            run(name, keep=False)
 
-    # Memory in its own untimed run per backend, so the sampling thread never competes with a timed run.
+    def one_round() -> None:
+        for name in list(names):
+            run(name, keep=True)
+
+    loads = [load_snapshot()]
+    rounds = measure_until_narrow(one_round, lambda: [c for by_metric in _compare(timings, names).values()
+                                                      for c in by_metric.values()],
+                                  cfg.repeats, cfg.max_repeats, cfg.target_half_width)
+    loads.append(load_snapshot())
+
     memory = {}
-    for name in names:
-        with PeakRssSampler() as rss:
-            backends[name].generate(prompts, cfg.new_tokens, temperature=0.0, eos_token_id=None)
-        memory[name] = {"rss_at_start_mib": rss.baseline_mb, "peak_rss_mib": rss.peak_mb,
-                        "rss_growth_mib": rss.growth_mb, "samples": rss.samples}
+    for name in list(names):
+        try:
+            memory[name] = workers[name].memory(prompts, cfg.new_tokens)
+        except WorkerFailed as exc:
+            drop(name, exc)
 
-    reference = timings[baseline][0].output_ids
+    outputs = _reference_outputs(timings, fidelity_reference, reference_workers, prompts, cfg.new_tokens)
     results = {}
     for name in names:
-        # The baseline is compared with its own last run: a check that greedy decoding is deterministic.
-        compared = timings[name][-1 if name == baseline else 0].output_ids
+        reference = fidelity_reference.get(name, baseline)
         results[name] = {**_timing_summaries(timings[name]), "memory": memory[name],
-                         "greedy_agreement": agreement(reference, compared, prompts.shape[1])}
+                         "export_fidelity": {"reference": reference,
+                                             **_agreement_with(reference, name, timings, outputs, prompts)},
+                         "agreement_with_baseline": {"reference": baseline,
+                                                     **_agreement_with(baseline, name, timings, outputs, prompts)}}
 
-    base = timings[baseline]
-    comparisons = {
-        name: {
-            "decode_tokens_per_s": compare_pairs([t.decode_tokens_per_s for t in base],
-                                                 [t.decode_tokens_per_s for t in timings[name]],
-                                                 higher_is_better=True).to_dict(),
-            "time_to_first_token": compare_pairs([t.ttft_s for t in base], [t.ttft_s for t in timings[name]],
-                                                 higher_is_better=False).to_dict(),
-        }
-        for name in names[1:]
-    }
-    return {"batch_size": int(prompts.shape[0]), "backends": results, "comparisons": comparisons}
+    comparisons = {name: {metric: c.to_dict() for metric, c in by_metric.items()}
+                   for name, by_metric in _compare(timings, names).items()}
+    measured = [c for by_metric in comparisons.values() for c in by_metric.values()]
+    return {"batch_size": int(prompts.shape[0]), "backends": results, "comparisons": comparisons,
+            "rounds": rounds, "conditions": conditions(loads, measured)}
 
 
-def validate(backends: Mapping[str, Backend], baseline: str, prompts_source: torch.Tensor, cfg: ValidateConfig,
-             perplexity_split: torch.Tensor, perplexity_batch_size: int = 8) -> dict[str, Any]:
+def _record_failure(failures: dict[str, dict[str, str]], name: str, stage: str, exc: Exception, baseline: str) -> None:
+    if name == baseline:
+        from .errors import RyzenError
+
+        raise RyzenError(f"inference validation: the baseline {exc}; nothing can be compared without it") from None
+    failures[name] = {"stage": stage, "reason": str(exc)}
+
+
+def _reference_outputs(timings: Mapping[str, list[GenerationTiming]], fidelity_reference: Mapping[str, str],
+                       reference_workers: Mapping[str, Any], prompts: torch.Tensor,
+                       new_tokens: int) -> dict[str, torch.Tensor | str]:
+    """Greedy output of every timed backend (its first timed run) and of each untimed fidelity reference."""
+    from .workers import WorkerFailed
+
+    outputs: dict[str, torch.Tensor | str] = {name: runs[0].output_ids for name, runs in timings.items()}
+    for reference in {fidelity_reference[n] for n in timings if n in fidelity_reference} - set(outputs):
+        try:
+            outputs[reference] = reference_workers[reference].generate(prompts, new_tokens)
+        except (KeyError, WorkerFailed) as exc:
+            outputs[reference] = f"reference {reference!r} unavailable: {exc}"
+    return outputs
+
+
+def _agreement_with(reference: str, name: str, timings: Mapping[str, list[GenerationTiming]],
+                    outputs: Mapping[str, torch.Tensor | str], prompts: torch.Tensor) -> dict[str, Any]:
+    """Greedy agreement of `name`'s first timed run with `reference`'s; a backend that is its own
+    reference is compared with its own last run, which checks that its greedy decoding is deterministic."""
+    if reference == name:
+        return agreement(timings[name][0].output_ids, timings[name][-1].output_ids, prompts.shape[1])
+    expected = outputs.get(reference, f"reference {reference!r} failed")
+    if isinstance(expected, str):
+        return {"unavailable": expected}
+    return agreement(expected, timings[name][0].output_ids, prompts.shape[1])
+
+
+def _compare(timings: Mapping[str, list[GenerationTiming]], names: list[str]) -> dict[str, dict[str, PairedComparison]]:
+    """Each candidate (names[1:]) against the baseline (names[0]), per metric, round by round."""
+    base = timings[names[0]]
+    return {name: {"decode_tokens_per_s": compare_pairs([t.decode_tokens_per_s for t in base],
+                                                        [t.decode_tokens_per_s for t in timings[name]], True),
+                   "time_to_first_token": compare_pairs([t.ttft_s for t in base], [t.ttft_s for t in timings[name]],
+                                                        False)}
+            for name in names[1:]}
+
+
+def _start(entries: Mapping[str, Any], cfg: ValidateConfig, threads: int) -> dict[str, Any]:
+    from .workers import start_worker
+
+    return {name: start_worker(entry, cfg.isolation, threads, cfg.worker_timeout_s) for name, entry in entries.items()}
+
+
+def _perplexities(workers: Mapping[str, Any], baseline: str, split: torch.Tensor, batch_size: int, batches: int,
+                  failures: dict[str, dict[str, str]]) -> dict[str, float]:
+    """Perplexity of every backend that started; it runs before the timed rounds and warms each backend up."""
+    from .workers import WorkerFailed
+
+    result = {}
+    for name, worker in workers.items():
+        if worker.failure is not None:
+            _record_failure(failures, name, "start", WorkerFailed(f"backend {name!r}: {worker.failure}"), baseline)
+            continue
+        try:
+            result[name] = worker.perplexity(split, batch_size, batches)
+        except WorkerFailed as exc:
+            _record_failure(failures, name, "perplexity", exc, baseline)
+    return result
+
+
+def validate(backends: Mapping[str, Any], baseline: str, prompts_source: torch.Tensor, cfg: ValidateConfig,
+             perplexity_split: torch.Tensor, perplexity_batch_size: int = 8,
+             fidelity_reference: Mapping[str, str] | None = None,
+             reference_backends: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Measure every backend and compare each with `baseline`; returns the JSON-serializable report.
+
+    A backend is a live `Backend` (run in this process), a recipe (`ryzen_core.workers`; built and
+    run in its own worker process, or here when `cfg.isolation` is 'inline') or a started worker.
+    A backend that fails to start, raises, crashes or hangs is listed under "failures" with the
+    reason, and the others are measured without it.
 
     Prompts for batch size b are the first b rows' first `cfg.prompt_len` tokens of
     `prompts_source` (a packed split), so every backend and every run sees the same input.
     Perplexity uses the first `cfg.perplexity_batches` batches of `perplexity_batch_size` rows.
+
+    Export fidelity compares each backend's greedy output with the variant's own torch fp32
+    model, named by `fidelity_reference` (default: the baseline) and found among the backends
+    or in `reference_backends` (generated once per batch size, untimed); agreement with the
+    baseline is reported beside it.
     """
     if baseline not in backends:
         raise ValueError(f"baseline {baseline!r} is not among the backends {sorted(backends)}")
@@ -338,40 +375,78 @@ def validate(backends: Mapping[str, Backend], baseline: str, prompts_source: tor
     if len(prompts_source) < rows_needed or columns < cfg.prompt_len:
         raise ValueError(f"prompts need {rows_needed} rows of {cfg.prompt_len} tokens; the prompt source has "
                          f"{len(prompts_source)} rows of {columns}")
-    names = [baseline, *(n for n in backends if n != baseline)]
-    batches = [_validate_batch(backends, baseline, prompts_source[:b, :cfg.prompt_len].contiguous(), cfg)
-               for b in cfg.batch_sizes]
+    fidelity_reference = dict(fidelity_reference or {})
+    threads = cfg.threads or torch.get_num_threads()
+    failures: dict[str, dict[str, str]] = {}
+    workers = _start({name: backends[name] for name in [baseline, *(n for n in backends if n != baseline)]},
+                     cfg, threads)
+    references = _start({n: e for n, e in (reference_backends or {}).items() if n not in backends}, cfg, threads)
+    try:
+        perplexities = _perplexities(workers, baseline, perplexity_split, perplexity_batch_size,
+                                     cfg.perplexity_batches, failures)
+        batches = [_validate_batch(workers, baseline, prompts_source[:b, :cfg.prompt_len].contiguous(), cfg,
+                                   fidelity_reference, {**workers, **references}, failures)
+                   for b in cfg.batch_sizes]
+    finally:
+        for worker in [*workers.values(), *references.values()]:
+            worker.close()
     return {
         "baseline": baseline,
-        "backends": names,
-        "method": {
-            "warmup": cfg.warmup,
-            "repeats": cfg.repeats,
-            "order": "interleaved round-robin after the warm-up rounds: baseline, then each candidate, repeated "
-                     "`repeats` times (A B A B ... with one candidate)",
-            "ratio": "per round, candidate vs baseline, > 1 means the candidate is better: candidate/baseline for "
-                     "decode tokens/s, baseline/candidate for time to first token",
-            "summary": "median of the per-round ratios",
-            "spread": SPREAD_DEFINITION,
-            "verdict": VERDICT_RULE,
-            "timing": "time.perf_counter; greedy, eos disabled, exactly new_tokens per run; GC paused in timed runs; "
-                      "TTFT = call to first token; decode tokens/s = batch * (new_tokens - 1) / time from first to "
-                      "last token",
-            "memory": f"process RSS polled every {RSS_POLL_S * 1e3:g} ms by a thread during one extra untimed generation per backend; "
-                      "RSS is process-wide, so growth is the backend's working memory on top of what is loaded",
-            "perplexity": "exp of mean next-token cross entropy from backend.logits (no cache)",
-            "greedy_agreement": "generated tokens equal position-wise to the baseline's first timed run (the "
-                                "baseline is checked against its own last run)",
-            "torch_threads": torch.get_num_threads(),
-        },
+        "backends": [name for name in workers if name not in failures],
+        "failures": failures,
+        "workers": {name: {**w.describe(), "plugin_events": w.ready.get("events", []),
+                           "plugin_disabled": w.ready.get("disabled", {})} for name, w in workers.items()},
+        "method": _method(cfg, threads, {w.isolation for w in workers.values()}),
         "config": {"prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens, "batch_sizes": list(cfg.batch_sizes),
-                   "perplexity_batches": cfg.perplexity_batches, "perplexity_batch_size": perplexity_batch_size},
+                   "perplexity_batches": cfg.perplexity_batches, "perplexity_batch_size": perplexity_batch_size,
+                   "isolation": cfg.isolation, "threads": threads},
         "units": {"ttft_ms": "milliseconds", "decode_step_ms": "milliseconds per token step (all rows)",
                   "total_ms": "milliseconds per generate call", "prefill_tokens_per_s": "prompt tokens/s, whole batch",
                   "decode_tokens_per_s": "generated tokens/s after the first, whole batch", "memory": "MiB"},
-        "perplexity": {name: perplexity(backends[name], perplexity_split, perplexity_batch_size,
-                                        cfg.perplexity_batches) for name in names},
+        "perplexity": perplexities,
         "batches": batches,
+    }
+
+
+INLINE_MEMORY_METHOD = (f"inline backends: this process's RSS polled every {RSS_POLL_S * 1e3:g} ms by a thread during "
+                        "one extra untimed generation per backend; RSS is process-wide, so it counts every model "
+                        "this process holds, and rss_growth_mib is the backend's working memory on top")
+
+
+def _method(cfg: ValidateConfig, threads: int, isolations: set[str]) -> dict[str, Any]:
+    from .workers import peak_rss_method
+
+    memory = [peak_rss_method()] if "process" in isolations else []
+    memory += [INLINE_MEMORY_METHOD] if "inline" in isolations else []
+    return {
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+        "max_repeats": cfg.max_repeats,
+        "order": "interleaved round-robin after the warm-up rounds: baseline, then each candidate, round after "
+                 "round (A B A B ... with one candidate)",
+        "ratio": "per round, candidate vs baseline, > 1 means the candidate is better: candidate/baseline for "
+                 "decode tokens/s, baseline/candidate for time to first token",
+        "summary": "median of the per-round ratios",
+        "interval": INTERVAL_DEFINITION,
+        "rounds": f"at least `repeats`, more (up to {cfg.max_repeats}) until every interval's half-width is at "
+                  f"most {cfg.target_half_width:.0%} of its median",
+        "verdict": VERDICT_RULE,
+        "isolation": "process: each backend is built and run in its own worker process (startup and model load "
+                     "untimed), only one runs at a time, and the parent waits idle on a pipe; inline: in this "
+                     "process. Each backend's isolation is listed under workers",
+        "timing": "time.perf_counter inside the process that runs the backend, around the generation itself; "
+                  "greedy, eos disabled, exactly new_tokens per run; GC paused in timed runs; TTFT = call to first "
+                  "token; decode tokens/s = batch * (new_tokens - 1) / time from first to last token",
+        "memory": "; ".join(memory),
+        "perplexity": "exp of mean next-token cross entropy from backend.logits (no cache), computed before the "
+                      "timed rounds",
+        "export_fidelity": "generated tokens equal position-wise to those of the variant's own torch fp32 model "
+                           "(the reference named in each entry); a backend that is its own reference is checked "
+                           "against its own last run (greedy determinism)",
+        "agreement_with_baseline": "generated tokens equal position-wise to the baseline's first timed run; for a "
+                                   "variant whose weights differ from the baseline's, this measures the training "
+                                   "change, not the export",
+        "threads": threads,
     }
 
 
@@ -385,6 +460,29 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+ISOLATION_NOTES = {
+    "process": "Each backend ran alone in its own worker process (startup and model load untimed), so peak RSS is "
+               "that process's own, model load included.",
+    "inline": "Every backend ran in this one process, so peak RSS counts everything the process held.",
+}
+
+
+def _isolation_note(report: Mapping[str, Any]) -> str:
+    inline = sorted(n for n, w in report.get("workers", {}).items() if w["isolation"] == "inline")
+    if not inline:
+        return ISOLATION_NOTES["process"]
+    if len(inline) == len(report["workers"]):
+        return ISOLATION_NOTES["inline"]
+    return f"{ISOLATION_NOTES['process']} Except {', '.join(inline)}, run in this process (see workers in the JSON)."
+
+
+def _agreement_cell(figure: Mapping[str, Any], show_reference: bool = False) -> str:
+    if "unavailable" in figure:
+        return "n/a"
+    against = f" vs {figure['reference']}" if show_reference else ""
+    return f"{_pct(figure['token_agreement'])} / {_pct(figure['sequence_agreement'])}{against}"
+
+
 def validation_markdown(report: Mapping[str, Any]) -> str:
     """Compact tables: one per batch size for the backends, one for the paired comparisons."""
     from .report import markdown_table
@@ -394,54 +492,68 @@ def validation_markdown(report: Mapping[str, Any]) -> str:
         "## Inference validation",
         "",
         f"Baseline **{report['baseline']}**. Prompt {c['prompt_len']} tokens, {c['new_tokens']} new tokens, greedy. "
-        f"{m['repeats']} timed runs per backend after {m['warmup']} warm-up runs, interleaved with the baseline. "
-        f"Ratio > 1 means the candidate is better; spread = IQR of the per-run ratios; a difference within the "
-        f"spread is \"no measurable difference\".",
+        f"{m['repeats']} to {m.get('max_repeats', m['repeats'])} timed runs per backend after {m['warmup']} warm-up "
+        f"runs, interleaved with the baseline. Ratio > 1 means the candidate is better; `1.38x [1.31, 1.44]` is the "
+        f"median per-run ratio and its 95% bootstrap interval; \"faster\" or \"slower\" only when the interval "
+        f"excludes 1, else \"no measurable difference\".",
+        "",
+        _isolation_note(report) + " Export fidelity: greedy tokens equal to the variant's own "
+        "torch fp32 model's (named after the figure); agreement with baseline: equal to the baseline's, which for a "
+        "variant trained differently measures the training change, not the export.",
         "",
     ]
+    for name, failure in report.get("failures", {}).items():
+        lines += [f"- **{name} failed** ({failure['stage']}): {failure['reason']}"]
+    lines += [""] if report.get("failures") else []
     for batch in report["batches"]:
         rows = []
         for name, r in batch["backends"].items():
-            ga = r["greedy_agreement"]
             rows.append([name, f"{r['ttft_ms']['p50']:.2f}", f"{r['decode_tokens_per_s']['p50']:.1f}",
                          f"{r['memory']['peak_rss_mib']:.0f}", f"{report['perplexity'][name]:.3f}",
-                         f"{_pct(ga['token_agreement'])} / {_pct(ga['sequence_agreement'])}"])
-        lines += [f"### Batch size {batch['batch_size']}", "",
-                  markdown_table(["backend", "TTFT p50 ms", "decode tok/s p50", "peak RSS MiB", "perplexity",
-                                  "greedy agreement (tokens / sequences)"], rows), ""]
-        comparisons = [[f"{name} vs {report['baseline']}", METRIC_LABELS[metric], f"{cmp['median_ratio']:.3f}",
-                        f"[{cmp['p25']:.3f}, {cmp['p75']:.3f}]", cmp["verdict"]]
+                         _agreement_cell(r["export_fidelity"], True), _agreement_cell(r["agreement_with_baseline"])])
+        lines += [f"### Batch size {batch['batch_size']}", ""]
+        warning = busy_warning(batch.get("conditions"))
+        lines += [warning, ""] if warning else []
+        lines += [markdown_table(["backend", "TTFT p50 ms", "decode tok/s p50", "peak RSS MiB", "perplexity",
+                                  "export fidelity (tokens / sequences)", "agreement with baseline"], rows), ""]
+        comparisons = [[f"{name} vs {report['baseline']}", METRIC_LABELS[metric], format_ratio(cmp), cmp["n"],
+                        cmp["verdict"]]
                        for name, by_metric in batch["comparisons"].items() for metric, cmp in by_metric.items()]
         if comparisons:
-            lines += [markdown_table(["comparison", "metric", "median ratio", "[p25, p75]", "verdict"],
+            lines += [markdown_table(["comparison", "metric", "ratio [95% interval]", "runs", "verdict"],
                                      comparisons), ""]
     return "\n".join(lines)
 
 
 def plot_validation(report: Mapping[str, Any], path: str | Path) -> None:
-    """PNG: decode tokens/s and time to first token (p50 bars, min-max whiskers) per backend per batch size."""
+    """PNG: each candidate's ratio to the baseline (median, 95% interval bars) per batch size, for decode
+    tokens/s and time to first token; 1 is the baseline, above it the candidate is better."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    names, batches = report["backends"], report["batches"]
+    candidates, batches = report["backends"][1:], report["batches"]
     x = np.arange(len(batches))
-    width = 0.8 / len(names)
+    width = 0.8 / max(len(candidates), 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "decode_tokens_per_s", "decode tokens/s (higher is better)"),
-                           (axes[1], "ttft_ms", "time to first token, ms (lower is better)")):
-        for i, name in enumerate(names):
-            stats = [b["backends"][name][key] for b in batches]
-            p50 = np.array([s["p50"] for s in stats])
-            whiskers = np.array([[s["p50"] - s["min"] for s in stats], [s["max"] - s["p50"] for s in stats]])
-            ax.bar(x + (i - (len(names) - 1) / 2) * width, p50, width, yerr=whiskers, capsize=3, label=name,
-                   color=f"C{i}")
+    for ax, metric in zip(axes, METRIC_LABELS):
+        for i, name in enumerate(candidates):
+            cmps = [b["comparisons"][name][metric] for b in batches]
+            median = np.array([c["median_ratio"] for c in cmps])
+            bars = np.array([median - [c["ci_low"] for c in cmps], [c["ci_high"] for c in cmps] - median])
+            ax.errorbar(x + (i - (len(candidates) - 1) / 2) * width, median, yerr=bars, fmt="os^vDP"[i % 6],
+                        capsize=4, color=f"C{i + 1}", label=name)
+        ax.axhline(1.0, color="k", lw=1, ls="--", label=f"{report['baseline']} (baseline)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xticks(x, [f"batch {b['batch_size']}" for b in batches])
-        ax.set_title(label)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"Inference, p50 of {report['method']['repeats']} runs (whiskers: min to max)")
+        ax.set_title(f"{METRIC_LABELS[metric]}: ratio to {report['baseline']} (> 1 is better)")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Inference: median per-run ratio, bars = 95% bootstrap interval")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

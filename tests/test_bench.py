@@ -16,16 +16,22 @@ def test_peak_flops_follows_the_formula():
 
 def test_bench_train_pairs_rounds_and_reports_mfu(ryzen, tmp_path):
     out = tmp_path / "bench.json"
-    result = ryzen("bench", "train", "--plugins", "compression", *tiny_sets(), "--rounds", "2", "--steps", "1",
-                   "--json-out", str(out))
+    result = ryzen("bench", "train", "--plugins", "compression", *tiny_sets(), "--rounds", "2", "--max-rounds", "3",
+                   "--steps", "1", "--json-out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
     assert set(data["runs"]) == {"baseline", "candidate"}
     assert data["runs"]["candidate"]["plugins"] == ["compression"]
-    assert data["speedup"]["n"] == 2 and len(data["speedup"]["ratios"]) == 2
+    speedup = data["speedup"]
+    assert speedup["n"] == data["rounds"] in (2, 3) and len(speedup["ratios"]) == speedup["n"]
+    assert speedup["ci_low"] <= speedup["median_ratio"] <= speedup["ci_high"] and speedup["ci_level"] == 0.95
     base = data["runs"]["baseline"]
-    assert base["mfu_fp32_peak"] == base["tokens_per_s"]["p50"] * data["flops_per_token"] / data["peak"]["fp32_flops"]
-    assert "Speedup (median of per-round ratios)" in result.stdout
+    achieved = base["tokens_per_s"]["p50"] * data["flops_per_token"]
+    assert base["mfu_fp32_peak"] == achieved / data["peak"]["fp32_flops"]
+    assert base["utilization"]["of_measured_fp32_gemm"] == achieved / data["measured_gemm"]["fp32"]["flops"]
+    assert isinstance(data["conditions"]["busy"], bool)
+    assert "Speedup (median of per-round ratios, 95% interval)" in result.stdout
+    assert "of measured fp32 GEMM" in result.stdout and "Measured 2048x2048 matmul" in result.stdout
 
 
 def test_bench_infer_measures_a_finished_run_again(ryzen, tmp_path):
