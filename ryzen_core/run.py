@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .checkpoint import CONFIG_FILE, atomic_write_text
-from .config import RunConfig, load_config, resolve_plugin_settings
+from .config import RunConfig, check_model_fits_data, load_config, resolve_plugin_settings
 from .plugins import PluginHost
 from .report import environment, markdown_table, plot_loss_curves, write_json
 
@@ -27,6 +27,7 @@ def prepare(host: PluginHost, config_path: Path | None, overrides: Sequence[str]
         host.load_installed(missing)
     host.require(config.plugins)
     host.settings = resolve_plugin_settings(config, host.settings_models())
+    check_model_fits_data(config)
     if out_dir is not None:
         config.output.dir = out_dir
     return config
@@ -119,13 +120,44 @@ def _write_training_files(run_dir: Path, runs: dict[str, Any], summaries: dict[s
     plot_loss_curves(runs, run_dir / "loss_curves.png")
 
 
+def special_token_ids(tokenizer) -> dict[str, int | None]:
+    """What the saved tokenizer declares (tokenizer_config.json names only its end-of-text token)."""
+    return {"bos_token_id": None, "eos_token_id": tokenizer.eos_id, "pad_token_id": None}
+
+
+def fit_hf_config_to_tokenizer(config: RunConfig, data, host: PluginHost, run_dir: Path) -> None:
+    """Log, record and keep in the run's config every value of the user's HF config that the tokenizer
+    overrides (the vocabulary size of a fresh model, the special token ids)."""
+    if config.model.source != "hf":
+        return
+    import json
+
+    from .checkpoint import CONFIG_FILE
+    from .models.hf import hf_config, overrides_to_fit
+
+    m = config.model
+    wanted = special_token_ids(data.tokenizer)
+    if m.hf_config is not None:  # a fresh model is sized for the tokenizer; a saved one keeps its size
+        wanted["vocab_size"] = data.tokenizer.vocab_size
+    overrides = overrides_to_fit(hf_config(m.hf_path or m.hf_config), wanted)
+    for key, (given, used) in overrides.items():
+        log.info("model: the HF config's %s %s is replaced by %s to fit the tokenizer", key, given, used)
+        host.recorder("core", "model")("hf_config_override", key=key, given=given, used=used)
+    if overrides != m.hf_overrides:
+        m.hf_overrides = overrides
+        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.dump(), indent=2, default=str))
+
+
 def _save_model_artifacts(model, data, out: Path) -> None:
     from .models import is_hf_model
 
     data.tokenizer.save(out / "tokenizer")
     if is_hf_model(model):
         from .models import save_hf_model
+        from .models.hf import set_special_token_ids
 
+        # transformers' generate() stops at the config's eos: it must be the saved tokenizer's.
+        set_special_token_ids(model, special_token_ids(data.tokenizer))
         save_hf_model(model, out / "hf_model")
         data.tokenizer.save(out / "hf_model")  # self-contained: reloadable with model.hf_path
 
@@ -137,6 +169,7 @@ def train_one(config: RunConfig, host: PluginHost, resume: bool = False) -> Path
     if not resume or not (run_dir / CONFIG_FILE).exists():
         atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.dump(), indent=2, default=str))
     data = load_data(config)
+    fit_hf_config_to_tokenizer(config, data, host, run_dir)
     trainer, result, summary = train_and_evaluate(config, host, config.plugins, run_dir, data, "train", resume)
     if trainer.rank == 0:
         host.call_each("on_train_end", host.active(config.plugins), model=result.model, metrics=summary,
@@ -175,6 +208,7 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
     run_dir = run_directory(config)
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.dump(), indent=2, default=str))
     data = load_data(config)
+    fit_hf_config_to_tokenizer(config, data, host, run_dir)
     variants: dict[str, list[str]] = {"baseline": []}
     if config.plugins:
         variants["optimized"] = list(config.plugins)

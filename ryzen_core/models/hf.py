@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
 def load_hf_model(path: str | os.PathLike) -> "PreTrainedModel":
@@ -29,15 +29,14 @@ def load_hf_model(path: str | os.PathLike) -> "PreTrainedModel":
     return model.eval()
 
 
-def hf_model_from_config(
+def hf_config(
     config_json_path_or_dict: str | os.PathLike | dict[str, Any],
     vocab_size: int | None = None,
-) -> "PreTrainedModel":
-    """Build a randomly initialised causal LM from a transformers config.
+) -> "PretrainedConfig":
+    """The transformers config a causal LM is built from.
 
     Accepts a dict with a `model_type` key (e.g. from `tiny_llama_config`), a path to a
-    config JSON file, or a directory containing config.json. Seed torch beforehand for a
-    reproducible init.
+    config JSON file, or a directory containing config.json.
     """
     if isinstance(config_json_path_or_dict, dict):
         config_dict = dict(config_json_path_or_dict)
@@ -58,10 +57,39 @@ def hf_model_from_config(
     for key in ("architectures", "transformers_version", "_name_or_path"):
         config_dict.pop(key, None)
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_type, **config_dict)
-    return AutoModelForCausalLM.from_config(config)
+    return AutoConfig.for_model(model_type, **config_dict)
+
+
+def hf_model_from_config(
+    config_json_path_or_dict: str | os.PathLike | dict[str, Any],
+    vocab_size: int | None = None,
+) -> "PreTrainedModel":
+    """Build a randomly initialised causal LM from a transformers config (see `hf_config`).
+    Seed torch beforehand for a reproducible init."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(hf_config(config_json_path_or_dict, vocab_size))
+
+
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def overrides_to_fit(config: "PretrainedConfig", wanted: dict[str, Any]) -> dict[str, list[Any]]:
+    """The values of a transformers config (its defaults included, e.g. Llama's bos=1, eos=2) that
+    differ from what the tokenizer needs: {key: [given, used]}."""
+    return {key: [getattr(config, key, None), value] for key, value in wanted.items()
+            if getattr(config, key, None) != value}
+
+
+def set_special_token_ids(model: "PreTrainedModel", ids: dict[str, int | None]) -> None:
+    """Make the model's config and generation config name the tokenizer's special tokens, so a plain
+    `generate()` on the saved model stops at the tokenizer's end of text."""
+    for key in SPECIAL_TOKEN_KEYS:
+        setattr(model.config, key, ids.get(key))
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, key, ids.get(key))
 
 
 def save_hf_model(model: "PreTrainedModel", out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:
