@@ -124,13 +124,31 @@ def load_backend(path):
     return OrtBackend(path)
 
 
+def not_an_export(path: Path) -> str:
+    """Why `path` cannot be used with --onnx, naming the exports under it and whether --run can use it."""
+    from ryzen_core.trained import trained_model_dirs
+
+    from .export import read_manifest
+
+    exports = [d for pattern in ("*", "export/*", "*/export/*") for d in sorted(path.glob(pattern))
+               if d.is_dir() and read_manifest(d) is not None]
+    message = f"{path} is not an onnx export (no export.json written by the onnx plugin)"
+    if exports:
+        message += f"; exports under it: {', '.join(str(d) for d in exports)}"
+    if trained_model_dirs(path):
+        message += f"; or generate in torch with --run {path}"
+    return message
+
+
 @hookimpl
 def register_commands(cli):
     import click
 
     @cli.command("generate")
-    @click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path),
+    @click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path),
                   help="Export directory written by the onnx plugin (e.g. <run>/export/onnx-int8).")
+    @click.option("--run", "run_dir", type=click.Path(path_type=Path),
+                  help="Or a run directory (a variant's, or an hf_model/): generate in torch from its trained model.")
     @click.argument("prompt")
     @click.option("--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True)
     @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
@@ -140,8 +158,8 @@ def register_commands(cli):
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
     @click.pass_context
-    def generate_command(ctx, onnx_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, threads):
-        """Generate text from PROMPT with an onnx export run by onnxruntime."""
+    def generate_command(ctx, onnx_dir, run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, threads):
+        """Generate text from PROMPT with an onnx export run by onnxruntime, or a run's model in torch."""
         import torch
 
         from ryzen_core.errors import RyzenError
@@ -153,15 +171,23 @@ def register_commands(cli):
             click.echo(f"Error: {message}", err=True)
             ctx.exit(2)
 
-        if not onnx_dir.is_dir():
+        if (onnx_dir is None) == (run_dir is None):
+            fail("give either --onnx EXPORT_DIR or --run RUN_DIR")
+        if onnx_dir is not None and not onnx_dir.is_dir():
             fail(f"onnx export directory {onnx_dir} does not exist")
-        if read_manifest(onnx_dir) is None:
-            fail(f"{onnx_dir} is not an onnx export (no export.json written by the onnx plugin)")
+        if onnx_dir is not None and read_manifest(onnx_dir) is None:
+            fail(not_an_export(onnx_dir))
         try:
+            from ryzen_core.backends import TorchBackend
             from ryzen_core.data import Tokenizer
+            from ryzen_core.trained import load_trained_model
 
-            tokenizer = Tokenizer.load(onnx_dir)
-            backend = OrtBackend(onnx_dir, threads=threads)
+            if run_dir is not None:
+                model, tokenizer, _ = load_trained_model(run_dir)
+                backend = TorchBackend(model)
+            else:
+                tokenizer = Tokenizer.load(onnx_dir)
+                backend = OrtBackend(onnx_dir, threads=threads)
             ids = tokenizer.encode(prompt)
             if not ids:
                 fail("the prompt encodes to no tokens")

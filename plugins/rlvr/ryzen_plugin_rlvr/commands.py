@@ -103,6 +103,11 @@ def add_commands(cli: click.Group) -> None:
 
         host = _host(ctx)
         config = prepare(host, saved_run_config(run_dir), overrides, None)
+        if "rlvr" not in config.plugins:  # another run's model knows no task: scoring it takes minutes for nothing
+            from ryzen_core.errors import ConfigError
+
+            raise ConfigError(f"{run_dir} is not an rlvr run (its plugins: {', '.join(config.plugins) or 'none'}); "
+                              "rlvr eval scores models from `ryzen rlvr train` or `ryzen run --plugins rlvr`")
         if config.train.threads:
             import torch
 

@@ -27,6 +27,18 @@ def _collection(source: str, text_field: str, max_documents: int | None) -> tupl
     return [d.id for d in documents], [d.text for d in documents]
 
 
+def _embedder(model_spec: str, batch_size: int = 32):
+    """The embedder `--model` names, or a one-line error (exit 2) saying what to install or fix."""
+    from ryzen_core.errors import ConfigError
+
+    from .embedders import load_embedder
+
+    try:
+        return load_embedder(model_spec, batch_size)
+    except (ModuleNotFoundError, ValueError) as exc:  # the minilm extra missing, a directory that is no model
+        raise ConfigError(f"--model {model_spec}: {exc}") from None
+
+
 def add_commands(cli: click.Group) -> None:
     @cli.command("embed")
     @click.argument("source")
@@ -46,11 +58,10 @@ def add_commands(cli: click.Group) -> None:
         SOURCE is 'stdlib-functions' or 'stdlib-code-halves' (functions of the held-out stdlib
         files), a text file, a directory of .txt/.md/.py files, or a .jsonl file.
         """
-        from .embedders import load_embedder
         from .quantization import QuantizedIndex, save_index
 
+        embedder = _embedder(model_spec, batch_size)  # before reading the collection: fail fast
         ids, texts = _collection(source, text_field, max_documents)
-        embedder = load_embedder(model_spec, batch_size)
         if dims is not None and dims > embedder.dim:
             raise click.BadParameter(f"{dims} exceeds the model's {embedder.dim} dimensions", param_hint="--dims")
         started = time.perf_counter()
@@ -84,7 +95,6 @@ def add_commands(cli: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     def search_command(index_dir, queries, queries_file, k, method, rescore_with, rescore_multiplier, show, as_json):
         """Search INDEX_DIR (written by `ryzen embed`) for each query; report recall@k against float32."""
-        from .embedders import load_embedder
         from .quantization import load_index
         from .retrieval import overlap_at_k
 
@@ -96,7 +106,7 @@ def add_commands(cli: click.Group) -> None:
         index, info = load_index(index_dir)
         with open(index_dir / "documents.jsonl", encoding="utf-8") as handle:
             documents = [json.loads(line) for line in handle]
-        embedder = load_embedder(info["model"])
+        embedder = _embedder(info["model"])
         prepared = index.prepare_queries(embedder.encode(texts))
         started = time.perf_counter()
         ranking = index.search(prepared, k, method, rescore_multiplier, rescore_with)
@@ -152,7 +162,7 @@ def add_commands(cli: click.Group) -> None:
         PAIRS is 'stdlib-functions' (docstring summary -> source from the stdlib's training-split files, none shared
         with the held-out evaluation set) or a .jsonl file of {"query", "document"} pairs.
         """
-        from .embedders import EncoderEmbedder, load_embedder
+        from .embedders import EncoderEmbedder
         from .embedding_training import (AdaptedEmbedder, AdaptorTraining, EmbeddingTraining, encode_pairs, fine_tune,
                                          native_bf16, train_adaptor, training_pairs)
         from .matryoshka import nested_weights
@@ -175,7 +185,7 @@ def add_commands(cli: click.Group) -> None:
         if len(training) < batch_size:
             raise click.BadParameter(f"{len(training)} pairs, fewer than one batch of {batch_size}",
                                      param_hint="--batch-size")
-        embedder = load_embedder(model_spec)
+        embedder = _embedder(model_spec)
         if method == "full" and not isinstance(embedder, EncoderEmbedder):
             raise click.BadParameter("--method full needs an encoder directory or 'minilm'", param_hint="--model")
         sizes, weights = ([embedder.dim], [1.0]) if plain else nested_weights(embedder.dim, sizes_from)
