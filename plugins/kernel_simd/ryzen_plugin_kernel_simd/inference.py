@@ -2,7 +2,8 @@
 whichever decodes fastest while its logits stay close to fp32's.
 
 Measured the way the training choices are: each candidate decodes the same prompt,
-interleaved with fp32 (A B A B), and is kept when it won at least three rounds in four and
+interleaved with fp32 (A B A B), and is kept when the 95% interval of its median speed ratio
+lies above 1 (`ryzen_core.measure`; rounds are added up to twice `infer_rounds` while it is wide) and
 its logits on a sequence the fp32 model itself generated (so the input is in-distribution)
 are within `infer_logits_tolerance` relative L2 error of fp32's, with the same greedy
 next token at at least 90% of positions. int8 dynamic quantization uses VNNI where the CPU
@@ -16,10 +17,12 @@ from typing import Any, Callable
 
 import torch
 
+from ryzen_core.measure import format_ratio, paired_ratios
 from ryzen_core.models.generate import generate as torch_generate
 from ryzen_core.models.generate import lm_logits
 from ryzen_core.plugins import describe_error
-from ryzen_core.validator import paired_ratios
+
+from .tune import MAX_ROUNDS_FACTOR
 
 MIN_GREEDY_AGREEMENT = 0.9
 
@@ -87,7 +90,7 @@ def tune_inference(model: torch.nn.Module, candidates: list[str], settings, voca
             path = build_path(name, model)
             trial.update(logits_agreement(path, reference, held))
             comparison = paired_ratios(seconds(reference), seconds(path), warmup=1, repeats=settings.infer_rounds,
-                                       higher_is_better=False)
+                                       higher_is_better=False, max_repeats=MAX_ROUNDS_FACTOR * settings.infer_rounds)
         except Exception as exc:
             trial.update(error=describe_error(exc), sound=False, accepted=False)
             trials.append(trial)
@@ -95,10 +98,9 @@ def tune_inference(model: torch.nn.Module, candidates: list[str], settings, voca
             continue
         sound = (trial["logits_relative_error"] <= settings.infer_logits_tolerance
                  and trial["greedy_agreement"] >= MIN_GREEDY_AGREEMENT)
-        trial.update(speedup=comparison.to_dict(), sound=sound, accepted=sound and comparison.p25 > 1.0)
+        trial.update(speedup=comparison.to_dict(), sound=sound, accepted=sound and comparison.verdict == "faster")
         trials.append(trial)
-        log_line(f"kernel infer: {name}: decode {comparison.median_ratio:.2f}x fp32 [{comparison.p25:.2f}, "
-                 f"{comparison.p75:.2f}], logits within {trial['logits_relative_error']:.2%}, greedy agreement "
+        log_line(f"kernel infer: {name}: decode {format_ratio(comparison)} fp32 ({comparison.verdict}), logits within {trial['logits_relative_error']:.2%}, greedy agreement "
                  f"{trial['greedy_agreement']:.0%}; {'kept' if trial['accepted'] else 'not kept'}")
         if trial["accepted"] and comparison.median_ratio > best_ratio:
             best, best_ratio = name, comparison.median_ratio

@@ -24,12 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ryzen_core import hookimpl
 from ryzen_core.forward import Forward
+from ryzen_core.measure import format_ratio
 
 from .cache import DecisionCache, cache_key, library_versions, model_shape
 from .cpu import CpuFeatures, detect
 from .denormals import set_flush_denormal_all_threads
 from .strategy import REFERENCE, Strategy, apply_optimizer, apply_threads, wrap_forward
-from .tune import Tuner, describe_trial, plan, random_batches, vocab_size_of
+from .tune import DECISION_RULE, Tuner, describe_trial, plan, random_batches, vocab_size_of
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,9 @@ def decide(model: torch.nn.Module, config, settings: KernelSettings, cpu: CpuFea
         return dict(base, chosen=chosen.as_dict(), chosen_description=chosen.describe(), trials=[]), "settings"
     shape = model_shape(model, config.train.batch_size, config.data.seq_len)
     versions = library_versions()
-    tuning = settings.model_dump(include={"precision", "attention", "optimizer", "compile", "threads", "denormals",
-                                          "tune_rounds", "tune_steps", "loss_tolerance", "mask_features"})
+    tuning = dict(settings.model_dump(include={"precision", "attention", "optimizer", "compile", "threads",
+                                               "denormals", "tune_rounds", "tune_steps", "loss_tolerance",
+                                               "mask_features"}), decision_rule=DECISION_RULE)
     key = cache_key(cpu.signature(), shape, versions, tuning)
     cache = DecisionCache(config.data.cache_dir / "kernel")
     if not settings.retune:
@@ -266,19 +268,19 @@ def on_epoch_end(epoch, metrics, model, config, settings, record):
     state.best_val = min(state.best_val, val_loss)
     if not settings.recheck or state.forward is None or state.inner is None:
         return None
-    from ryzen_core.validator import paired_ratios
+    from ryzen_core.measure import paired_ratios
 
     comparison = paired_ratios(lambda: _time_forward_backward(state.inner, model, state.batch),
                                lambda: _time_forward_backward(state.forward, model, state.batch),
                                warmup=1, repeats=settings.recheck_rounds, higher_is_better=False)
-    check = {"epoch": epoch, "speedup": comparison.median_ratio, "p25": comparison.p25, "p75": comparison.p75,
-             "verdict": comparison.verdict}
+    check = {"epoch": epoch, "speedup": comparison.median_ratio, "median_ratio": comparison.median_ratio,
+             "ci_low": comparison.ci_low, "ci_high": comparison.ci_high, "verdict": comparison.verdict}
     state.rechecks.append(check)
     record("recheck", **check)
     state.slower_in_row = state.slower_in_row + 1 if comparison.verdict == "slower" else 0
     if state.slower_in_row >= settings.recheck_patience:
         return revert(state, f"re-checks at {state.slower_in_row} evaluations in a row found the chosen forward slower, "
-                             f"last {comparison.median_ratio:.2f}x the plain one [{comparison.p25:.2f}, {comparison.p75:.2f}]", record, optimizer_too=False)
+                             f"last {format_ratio(comparison)} the plain one", record, optimizer_too=False)
     return None
 
 
@@ -292,15 +294,8 @@ def on_train_end(model, settings, config, record):
     text = decision_markdown(state.decision, state.source, state)
     confirmation = state.decision.get("confirmation") or {}
     if hasattr(model, "flops_per_token") and confirmation.get("tokens_per_s_candidate"):
-        from ryzen_core.bench import peak_flops
-
-        peak, rate = peak_flops(), confirmation["tokens_per_s_candidate"] * model.flops_per_token()
-        utilization = {"achieved_flops": rate, "mfu_bf16_peak": rate / peak["bf16_flops"],
-                       "mfu_fp32_peak": rate / peak["fp32_flops"], "peak": peak}
-        record("utilization", **utilization)
-        text += (f"\n- model FLOPs utilization of the chosen path: {rate / 1e9:.0f} GFLOP/s, "
-                 f"{utilization['mfu_bf16_peak']:.1%} of the bf16 peak ({peak['bf16_flops'] / 1e9:.0f} GFLOP/s, "
-                 f"{peak['bf16_unit']}), {utilization['mfu_fp32_peak']:.1%} of the fp32 peak")
+        text += "\n" + utilization_line(confirmation["tokens_per_s_candidate"] * model.flops_per_token(), config,
+                                        record)
     return {"report_markdown": text}
 
 
@@ -331,6 +326,23 @@ def on_infer(generate, model, config, settings, record):
     return kernel_generate
 
 
+def utilization_line(achieved: float, config, record) -> str:
+    """The chosen path's FLOP/s against the matmul rates measured on this machine and the computed peaks."""
+    from ryzen_core.bench import peak_flops
+    from ryzen_core.hardware_limits import GEMM_SIZE, gemm_rates, utilization
+
+    peak, measured = peak_flops(), gemm_rates(config.data.cache_dir)
+    figures = utilization(achieved, peak, measured)
+    record("utilization", **figures, peak=peak, measured_gemm=measured)
+    parts = [f"{figures[f'of_measured_{d}_gemm']:.1%} of the measured {d} matmul rate "
+             f"({measured[d]['flops'] / 1e9:.0f} GFLOP/s, {GEMM_SIZE}x{GEMM_SIZE} on {measured['threads']} threads)"
+             for d in ("fp32", "bf16") if measured.get(d)]
+    parts += [f"{figures['of_computed_bf16_peak']:.1%} of the computed bf16 peak ({peak['bf16_flops'] / 1e9:.0f} "
+              f"GFLOP/s, {peak['bf16_unit']})",
+              f"{figures['of_computed_fp32_peak']:.1%} of the computed fp32 peak ({peak['fp32_flops'] / 1e9:.0f} GFLOP/s)"]
+    return f"- model FLOPs utilization of the chosen path: {achieved / 1e9:.1f} GFLOP/s, " + ", ".join(parts)
+
+
 def decision_markdown(decision: dict[str, Any], source: str, state: KernelState | None = None) -> str:
     from ryzen_core.report import markdown_table
 
@@ -346,25 +358,24 @@ def decision_markdown(decision: dict[str, Any], source: str, state: KernelState 
             continue
         s = t["speedup"]
         rows.append([f"{t['knob']}={t['value']}", t["tokens_per_s_baseline"], t["tokens_per_s_candidate"],
-                     f"{s['median_ratio']:.2f}x [{s['p25']:.2f}, {s['p75']:.2f}]", f"{t['loss_relative_difference']:.2%}",
+                     format_ratio(s), f"{t['loss_relative_difference']:.2%}",
                      ("kept" if t["accepted"] else "not kept") + f" ({s['verdict']}{'' if t['sound'] else ', not sound'})"])
     if rows:
-        lines += ["", markdown_table(["candidate", "tokens/s before", "tokens/s with", "speedup [IQR]",
+        lines += ["", markdown_table(["candidate", "tokens/s before", "tokens/s with", "speedup [95% interval]",
                                       "loss vs fp32", "decision"], rows)]
     c = decision.get("confirmation")
     if c and not c.get("error"):
         s = c["speedup"]
         when = "this run" if source == "measured" or c.get("measured") else decision.get("created")
-        lines += ["", f"Chosen vs fp32 eager reference, paired, measured {when}: **{s['median_ratio']:.2f}x** "
-                      f"[{s['p25']:.2f}, {s['p75']:.2f}] ({s['verdict']}), {c['tokens_per_s_baseline']:.0f} -> "
+        lines += ["", f"Chosen vs fp32 eager reference, paired, measured {when}: **{format_ratio(s)}** "
+                      f"({s['verdict']}), {c['tokens_per_s_baseline']:.0f} -> "
                       f"{c['tokens_per_s_candidate']:.0f} tokens/s over {s['n']} rounds."
                       + (f" Fell back to the reference: {c['fell_back']}." if c.get("fell_back") else "")]
     for knob, why in (decision.get("not_tried") or {}).items():
         lines.append(f"- {knob} not tuned: {why}")
     if state is not None:
         for check in state.rechecks:
-            lines.append(f"- re-check at evaluation {check['epoch']}: {check['speedup']:.2f}x "
-                         f"[{check['p25']:.2f}, {check['p75']:.2f}] {check['verdict']}")
+            lines.append(f"- re-check at evaluation {check['epoch']}: {format_ratio(check)} {check['verdict']}")
         if state.reverted:
             lines.append(f"- **switched back to the reference path**: {state.reverted}")
     return "\n".join(lines)

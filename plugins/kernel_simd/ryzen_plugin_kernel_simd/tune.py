@@ -4,15 +4,14 @@ The search is greedy, one knob at a time (precision, attention kernel, optimizer
 compilation, threads), because the knobs are nearly independent and a full product would
 cost minutes of compilation. Each trial trains two private copies of the model from the same
 initial weights on the same batches: the current best strategy (A) and the same strategy with
-one knob turned (B), interleaved A B A B. A knob is kept when
+one knob turned (B), interleaved A B A B, compared as `ryzen_core.measure` compares: at least
+`tune_rounds` rounds, more (up to twice as many) while the 95% interval of the median speed
+ratio is wider than +-5%. A knob is kept when
 
-- B is consistently faster: it won at least three quarters of the paired rounds (the lower
-  quartile of the per-round speed ratios is above 1). This is looser than the validator's
-  "difference larger than the spread" verdict, which the report still prints: on a busy
-  machine a real 15% gain can have a spread as wide as itself, and a knob that wins three
-  rounds in four is worth keeping. The final confirmation against the reference is reported
-  with the strict verdict, and the choice falls back to what the settings fixed (the
-  reference, by default) if that says slower. And
+- B is faster: the interval lies wholly above 1 (the verdict "faster"). A gain the interval
+  cannot separate from 1 is not kept: keeping it would be a coin toss. The final
+  confirmation against the reference uses the same verdict, and the choice falls back to what
+  the settings fixed (the reference, by default) if that says slower. And
 - B is sound: its loss at the initial weights, and the fp32 loss of its weights after the
   trial's steps, are within `loss_tolerance` (relative) of the fp32 eager reference.
 
@@ -33,9 +32,9 @@ from typing import Any, Callable
 import torch
 
 from ryzen_core.forward import reference_forward
+from ryzen_core.measure import format_ratio, paired_ratios
 from ryzen_core.plugins import describe_error
 from ryzen_core.trainer import build_optimizer
-from ryzen_core.validator import paired_ratios
 
 from .cpu import CpuFeatures
 from .strategy import REFERENCE, Strategy, apply_optimizer, forward_context, wrap_forward
@@ -45,6 +44,8 @@ log = logging.getLogger(__name__)
 # Knob order matters for a greedy search: precision decides which attention kernel and
 # optimizer step are fastest, so it goes first; threads last, as they interact with all.
 KNOBS: dict[str, Any] = {"precision": "bf16", "attention": "math", "optimizer": "fused", "compile": "inductor"}
+DECISION_RULE = "kept when the 95% bootstrap interval of the median speed ratio excludes 1, and sound"
+MAX_ROUNDS_FACTOR = 2
 
 
 def plan(settings, cpu: CpuFeatures) -> tuple[Strategy, list[tuple[str, Any]], dict[str, str]]:
@@ -165,7 +166,7 @@ class Tuner:
                 return lambda: self.tokens_per_measurement / side.run_steps(self.steps)
 
             comparison = paired_ratios(rate(side_a), rate(side_b), warmup=1, repeats=self.rounds,
-                                       higher_is_better=True)
+                                       higher_is_better=True, max_repeats=MAX_ROUNDS_FACTOR * self.rounds)
             loss_after = side_b.loss(self.held)
         except Exception as exc:
             record.update(error=describe_error(exc), sound=False, accepted=False)
@@ -179,7 +180,7 @@ class Tuner:
             tokens_per_s_baseline=statistics.median(comparison.values_a),
             tokens_per_s_candidate=statistics.median(comparison.values_b),
             speedup=comparison.to_dict(), loss_initial=loss_initial, loss_after=loss_after,
-            loss_relative_difference=drift, sound=sound, accepted=sound and comparison.p25 > 1.0)
+            loss_relative_difference=drift, sound=sound, accepted=sound and comparison.verdict == "faster")
         return record
 
     def run(self, start: Strategy, trials: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -204,7 +205,8 @@ class Tuner:
                 best = start
         return {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "rounds": self.rounds, "steps_per_round": self.steps,
+            "rounds": self.rounds, "max_rounds": MAX_ROUNDS_FACTOR * self.rounds, "decision_rule": DECISION_RULE,
+            "steps_per_round": self.steps,
             "tokens_per_measurement": self.tokens_per_measurement,
             "loss_tolerance": self.settings.loss_tolerance,
             "reference_loss": {f"after_{steps}_steps": loss for steps, loss in sorted(self._reference_losses.items())},
@@ -218,6 +220,6 @@ def describe_trial(record: dict[str, Any]) -> str:
         return f"failed ({record['error']})"
     s = record["speedup"]
     verdict = "kept" if record.get("accepted") else "not kept"
-    return (f"{s['median_ratio']:.2f}x [{s['p25']:.2f}, {s['p75']:.2f}] {s['verdict']}, loss within "
+    return (f"{format_ratio(s)} {s['verdict']} ({s['n']} rounds), loss within "
             f"{record['loss_relative_difference']:.2%} of fp32 ({'sound' if record['sound'] else 'NOT sound'}); "
             f"{verdict}")

@@ -36,7 +36,8 @@ def test_tuning_rejects_an_unsound_path_and_records_every_trial(tiny_model, monk
     monkeypatch.setattr(inference, "build_path", noisy)
     result = tune_inference(tiny_model, ["int8", "bf16"], settings, 256, log_line=lambda line: None)
     int8, bf16 = result["trials"]
-    assert int8["sound"] and int8["speedup"]["n"] == 2
+    assert int8["sound"] and 2 <= int8["speedup"]["n"] <= 4  # at least infer_rounds, at most twice as many
+    assert int8["accepted"] == (int8["speedup"]["verdict"] == "faster")
     assert not bf16["sound"] and not bf16["accepted"] and bf16["logits_relative_error"] > 1
     assert result["chosen"] in {"fp32", "int8"}
     assert result["chosen"] == ("int8" if int8["accepted"] else "fp32")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from ryzen_core.forward import reference_forward
+from ryzen_core.measure import compare_pairs
 from ryzen_core.plugins import PluginHost
 from ryzen_core.trainer import build_optimizer
-from ryzen_core.validator import compare_pairs
 from ryzen_plugin_kernel_simd import plugin
 from ryzen_plugin_kernel_simd.plugin import KernelSettings
 
@@ -93,7 +93,7 @@ def test_recheck_switches_back_only_after_repeated_slowdowns(tiny_model, config,
         run_a(), run_b()  # really times both paths once: they must run
         return compare_pairs([15.0, 15.0], next(verdicts), higher_is_better=higher_is_better)
 
-    monkeypatch.setattr("ryzen_core.validator.paired_ratios", scripted)
+    monkeypatch.setattr("ryzen_core.measure.paired_ratios", scripted)
     assert epoch_end(host, tiny_model, config, 1, 5.0) is None
     assert epoch_end(host, tiny_model, config, 2, 4.9) is None  # one slow evaluation is not enough
     change = epoch_end(host, tiny_model, config, 3, 4.8)
@@ -125,7 +125,7 @@ def test_report_section_lists_the_trials(tiny_model, config):
 def cli(*args, cache):
     env = dict(os.environ, RYZEN_CACHE_DIR=str(cache), CI="1")
     return subprocess.run([sys.executable, "-m", "ryzen_core.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=1800)  # generous: a loaded machine is slow, not broken
 
 
 def test_kernel_info_json_includes_peak_flops(tmp_path):
@@ -189,3 +189,21 @@ def test_run_and_bench_infer_measure_the_int8_path_alike(tmp_path):
     # The int8 copy's perplexity, not the fp32 model's: bench infer applies on_infer as the run did.
     assert in_bench["torch-optimized"] == pytest.approx(in_run["torch-optimized"], rel=1e-6)
     assert in_bench["torch"] == pytest.approx(in_run["torch"], rel=1e-6)
+
+
+def test_utilization_is_stated_against_the_measured_rate_and_the_computed_peak(config):
+    from ryzen_core import hardware_limits
+    from ryzen_core.bench import peak_flops
+
+    measured = {f"{dtype}:{hardware_limits.GEMM_SIZE}": {"flops": flops, "n": hardware_limits.GEMM_SIZE}
+                for dtype, flops in (("fp32", 400e9), ("bf16", 1600e9))}
+    path = hardware_limits.cache_path(config.data.cache_dir)  # as if this machine had been measured already
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"gemm": measured}))
+    events = []
+    line = plugin.utilization_line(100e9, config, lambda event, **data: events.append((event, data)))
+    assert "25.0% of the measured fp32 matmul rate (400 GFLOP/s" in line
+    fp32_peak = peak_flops()["fp32_flops"]
+    assert f"{100e9 / fp32_peak:.1%} of the computed fp32 peak ({fp32_peak / 1e9:.0f} GFLOP/s)" in line
+    ((event, data),) = events
+    assert event == "utilization" and data["of_measured_fp32_gemm"] == 0.25

@@ -53,9 +53,9 @@ def test_trials_record_speed_and_soundness_and_the_choice_is_sound(tiny_model, c
     assert [t["knob"] for t in result["trials"]] == ["precision", "optimizer"]
     for t in result["trials"]:
         assert t["error"] is None and t["sound"]
-        assert t["speedup"]["n"] == 2 and t["tokens_per_s_candidate"] > 0
+        assert 2 <= t["speedup"]["n"] <= 4 and t["tokens_per_s_candidate"] > 0  # tune_rounds, up to twice as many
         assert t["loss_relative_difference"] <= 0.02
-        assert t["accepted"] == (t["speedup"]["p25"] > 1.0)
+        assert t["accepted"] == (t["speedup"]["verdict"] == "faster")  # the interval lies above 1
     chosen = Strategy(**result["chosen"])
     if (result["confirmation"] or {}).get("fell_back"):  # the timing is real: on a busy machine the final check may say slower
         assert result["chosen"] == result["start"]
@@ -63,7 +63,8 @@ def test_trials_record_speed_and_soundness_and_the_choice_is_sound(tiny_model, c
         for t in result["trials"]:
             assert (getattr(chosen, t["knob"]) == t["value"]) == t["accepted"]
     losses = result["reference_loss"]
-    assert losses["after_3_steps"] < losses["after_0_steps"]  # one warm-up and two timed rounds of one step train
+    trained = [loss for key, loss in losses.items() if key != "after_0_steps"]  # a warm-up and the timed rounds
+    assert trained and all(loss < losses["after_0_steps"] for loss in trained)
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))  # tuning works on copies
 
 
@@ -85,7 +86,7 @@ def test_an_unsound_candidate_is_not_kept_however_fast(tiny_model, config, monke
 
 
 def always_faster():
-    from ryzen_core.validator import compare_pairs
+    from ryzen_core.measure import compare_pairs
 
     return compare_pairs([100.0, 100.0, 100.0], [300.0, 310.0, 290.0], higher_is_better=True)
 
@@ -152,7 +153,7 @@ def test_a_model_of_another_shape_misses_the_cache(config, make_cpu):
 
 
 def test_the_combination_falls_back_when_the_confirmation_says_slower(tiny_model, config, monkeypatch):
-    from ryzen_core.validator import compare_pairs
+    from ryzen_core.measure import compare_pairs
 
     calls = []
 
@@ -171,7 +172,7 @@ def test_the_combination_falls_back_when_the_confirmation_says_slower(tiny_model
 
 
 def test_a_cached_choice_is_still_compared_with_the_reference_in_this_run(tiny_model, config, make_cpu, monkeypatch):
-    from ryzen_core.validator import compare_pairs
+    from ryzen_core.measure import compare_pairs
 
     real = tune.paired_ratios
 
@@ -182,7 +183,7 @@ def test_a_cached_choice_is_still_compared_with_the_reference_in_this_run(tiny_m
     monkeypatch.setattr(tune, "paired_ratios", measured_then_faster)
     settings = KernelSettings(**dict(FAST, precision="bf16"))  # fixed, so the choice differs from the reference
     first, _ = decide(tiny_model, config, settings, make_cpu())
-    assert first["confirmation"]["speedup"]["n"] == 2
+    assert 2 <= first["confirmation"]["speedup"]["n"] <= 4
     again, source = decide(tiny_model, config, settings, make_cpu())
     assert source == "cache" and again["confirmation"]["measured"] == "in this run"
     assert again["confirmation"]["speedup"]["values_a"] != first["confirmation"]["speedup"]["values_a"]
