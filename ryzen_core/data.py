@@ -25,7 +25,7 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import RyzenError
+from .errors import RyzenError, writing
 
 logger = logging.getLogger(__name__)
 
@@ -253,17 +253,19 @@ def split_documents(
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same directory so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    temp_path = Path(temp_name)
-    try:
-        write(temp_path)
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
+    """Write through a temp file in the same directory so readers never see a partial file;
+    an OSError (a full disk) becomes a WriteError naming `path`."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        temp_path = Path(temp_name)
+        try:
+            write(temp_path)
+            os.replace(temp_path, path)
+        except BaseException:
+            temp_path.unlink(missing_ok=True)
+            raise
 
 
 class Tokenizer:

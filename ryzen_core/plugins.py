@@ -11,6 +11,7 @@ import logging
 import os
 import traceback
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Callable, Iterable, Sequence
 
 import pluggy
@@ -62,6 +63,25 @@ def create_plugin_manager() -> pluggy.PluginManager:
 def describe_error(exc: BaseException) -> str:
     lines = traceback.format_exception_only(type(exc), exc)
     return lines[-1].strip() if lines else repr(exc)
+
+
+def json_value(value: Any, where: str = "value") -> Any:
+    """`value` in JSON types, for checkpoints and reports: numpy/torch scalars and arrays become
+    numbers and lists, paths strings; anything else is a TypeError naming where it was."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        bad = next((k for k in value if not isinstance(k, (str, int)) or isinstance(k, bool)), None)
+        if bad is not None:
+            raise TypeError(f"a {type(bad).__name__} key in {where}, which is not JSON")
+        return {str(k): json_value(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, PurePath):
+        return str(value)
+    if type(value).__module__.split(".")[0] in ("numpy", "torch") and hasattr(value, "tolist"):
+        return json_value(value.tolist(), where)
+    raise TypeError(f"{type(value).__name__} at {where}, which is not JSON (use numbers, strings, lists, dicts)")
 
 
 class PluginHost:
@@ -166,6 +186,10 @@ class PluginHost:
     # -- calling -----------------------------------------------------------------
     def recorder(self, plugin: str, hook: str) -> Callable[..., None]:
         def record(event: str, **data: Any) -> None:
+            try:
+                data = json_value(data, "data")
+            except TypeError as exc:  # raised inside the plugin's hook, so the fallback disables it
+                raise PluginError(f"plugin {plugin} recorded {str(event)[:60]!r} with {exc}") from None
             self.events.append(Event(plugin, hook, event, data))
 
         return record

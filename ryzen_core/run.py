@@ -2,18 +2,18 @@
 evaluation and the files a run directory holds."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from .checkpoint import CONFIG_FILE, atomic_write_text
+from .checkpoint import atomic_write_text
 from .config import RunConfig, check_model_fits_data, load_config, resolve_plugin_settings
+from .errors import writing
 from .plugins import PluginHost
 from .report import environment, markdown_table, plot_loss_curves, write_json
+from .rundir import claim_run_directory, run_directory  # noqa: F401  (run_directory: plugins use it from here)
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,6 @@ def config_schema(host: PluginHost) -> dict[str, Any]:
     for name, model in host.settings_models().items():
         schema.setdefault("properties", {})[name] = model.model_json_schema()
     return schema
-
-
-def run_directory(config: RunConfig) -> Path:
-    if config.output.dir is None:
-        config.output.dir = Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    path = Path(config.output.dir)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def load_data(config: RunConfig):
@@ -94,7 +86,8 @@ def train_and_evaluate(config: RunConfig, host: PluginHost, plugins: Sequence[st
 
     trainer = Trainer(config, host, plugins, run_dir, data, label=label)
     result = trainer.fit(resume=resume)
-    test_loss = trainer.evaluate(data.test, max_batches=config.validate_.perplexity_batches)
+    test_loss = trainer.evaluate(data.test, max_batches=config.validate_.perplexity_batches,
+                                 desc=f"{label} test perplexity")
     summary = dict(result.summary(), test_loss=test_loss, test_perplexity=float(min(2.0 ** 64, _exp(test_loss))),
                    unigram_perplexity=data.unigram_perplexity, tokens_per_step=trainer.tokens_per_step,
                    flops_per_token=getattr(result.model, "flops_per_token", lambda: None)())
@@ -107,17 +100,23 @@ def _exp(x: float) -> float:
     return math.exp(min(x, 60.0))
 
 
+PEAK_RSS_UNITS = ("MiB, peak resident set. `ryzen run`: per variant, the process's high-water mark (VmHWM) reset "
+                  "when that variant's training starts (peak_rss_scope 'variant'), so it includes what the process "
+                  "already held (rss_at_start_mb); `ryzen train`: the process peak (getrusage)")
+
+
 def _write_training_files(run_dir: Path, runs: dict[str, Any], summaries: dict[str, dict], data) -> None:
     write_json(run_dir / "training_metrics_report.json", {
         "units": {"loss": "nats/token", "tokens_per_s": "input tokens per second of wall time, whole global batch",
-                  "peak_rss_mb": "MiB, process peak resident set (getrusage)", "wall_s": "seconds of training steps"},
+                  "peak_rss_mb": PEAK_RSS_UNITS, "wall_s": "seconds of training steps"},
         "data": {"split_sizes": data.split_sizes, "unigram_perplexity": data.unigram_perplexity},
         "runs": {label: {"summary": summaries[label], "evals": m.evals, "anomalies": m.anomalies,
                          "adaptations": m.adaptations} for label, m in runs.items()},
     })
-    for label, m in runs.items():
-        m.write_csv(run_dir / (f"metrics_{label}.csv" if len(runs) > 1 else "metrics.csv"))
-    plot_loss_curves(runs, run_dir / "loss_curves.png")
+    with writing(run_dir):  # a full disk: one line naming the file
+        for label, m in runs.items():
+            m.write_csv(run_dir / (f"metrics_{label}.csv" if len(runs) > 1 else "metrics.csv"))
+        plot_loss_curves(runs, run_dir / "loss_curves.png")
 
 
 def special_token_ids(tokenizer) -> dict[str, int | None]:
@@ -151,32 +150,42 @@ def fit_hf_config_to_tokenizer(config: RunConfig, data, host: PluginHost, run_di
 def _save_model_artifacts(model, data, out: Path) -> None:
     from .models import is_hf_model
 
-    data.tokenizer.save(out / "tokenizer")
-    if is_hf_model(model):
-        from .models import save_hf_model
-        from .models.hf import set_special_token_ids
+    with writing(out):
+        data.tokenizer.save(out / "tokenizer")
+        if is_hf_model(model):
+            from .models import save_hf_model
+            from .models.hf import set_special_token_ids
 
-        # transformers' generate() stops at the config's eos: it must be the saved tokenizer's.
-        set_special_token_ids(model, special_token_ids(data.tokenizer))
-        save_hf_model(model, out / "hf_model")
-        data.tokenizer.save(out / "hf_model")  # self-contained: reloadable with model.hf_path
+            # transformers' generate() stops at the config's eos: it must be the saved tokenizer's.
+            set_special_token_ids(model, special_token_ids(data.tokenizer))
+            save_hf_model(model, out / "hf_model")
+            data.tokenizer.save(out / "hf_model")  # self-contained: reloadable with model.hf_path
 
 
 def train_one(config: RunConfig, host: PluginHost, resume: bool = False) -> Path:
     """`ryzen train`: one model with the selected plugins."""
+    import torch.distributed as dist
+
     _init_distributed()
-    run_dir = run_directory(config)
-    if not resume or not (run_dir / CONFIG_FILE).exists():
-        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.dump(), indent=2, default=str))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # Rank 0 claims the directory (lock, config check); the other ranks of a distributed run write with it.
+    run_dir = claim_run_directory(config, resume) if rank == 0 else run_directory(config)
     data = load_data(config)
     fit_hf_config_to_tokenizer(config, data, host, run_dir)
     trainer, result, summary = train_and_evaluate(config, host, config.plugins, run_dir, data, "train", resume)
     if trainer.rank == 0:
-        host.call_each("on_train_end", host.active(config.plugins), model=result.model, metrics=summary,
-                       run_dir=run_dir, config=config)
+        ended = host.call_each("on_train_end", host.active(config.plugins), model=result.model, metrics=summary,
+                               run_dir=run_dir, config=config)
         _write_training_files(run_dir, {"train": result.metrics}, {"train": summary}, data)
         _save_model_artifacts(result.model, data, run_dir)
         write_json(run_dir / "optimization_analysis.json", optimization_analysis(host, config, {"train": summary}))
+        env = environment(host)
+        write_json(run_dir / "environment.json", env)
+        # Plugins' sections go in as written: their image paths are relative to run_dir, where report.md is.
+        report = training_report(config, {"train": summary}, host, env) + "".join(
+            f"\n## {plugin}\n\n{r['report_markdown'].strip()}\n" for plugin, r in ended.items()
+            if isinstance(r, dict) and isinstance(r.get("report_markdown"), str))
+        atomic_write_text(run_dir / "report.md", report)
     log.info("train: test perplexity %.2f (unigram baseline %.2f)", summary["test_perplexity"], data.unigram_perplexity)
     return run_dir
 
@@ -203,10 +212,30 @@ def changes_training(host: PluginHost, plugins: Sequence[str]) -> bool:
                for impl in getattr(host.pm.hook, hook).get_hookimpls())
 
 
+class _TrainingPeak:
+    """One variant's peak memory: the process's high-water mark, reset when its training starts.
+
+    It still counts what the process holds already (data, earlier variants' models), so the RSS at
+    the start is reported beside it. Where the mark cannot be reset it stays the process-wide peak.
+    """
+
+    def __init__(self):
+        from .validator import current_rss_mib, reset_process_peak_rss
+
+        self.rss_at_start_mb, self.reset = current_rss_mib(), reset_process_peak_rss()
+
+    def read(self) -> dict[str, Any]:
+        from .validator import process_peak_rss_mib
+
+        if not self.reset:
+            return {"rss_at_start_mb": self.rss_at_start_mb, "peak_rss_scope": "process (could not be reset)"}
+        return {"peak_rss_mb": process_peak_rss_mib(), "rss_at_start_mb": self.rss_at_start_mb,
+                "peak_rss_scope": "variant"}
+
+
 def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> Path:
     """`ryzen run`: baseline and optimized training on the same data, seed and budget, then the comparison."""
-    run_dir = run_directory(config)
-    atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.dump(), indent=2, default=str))
+    run_dir = claim_run_directory(config)
     data = load_data(config)
     fit_hf_config_to_tokenizer(config, data, host, run_dir)
     variants: dict[str, list[str]] = {"baseline": []}
@@ -226,7 +255,9 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
             results[label], summaries[label] = results["baseline"], dict(summaries["baseline"], shared_with="baseline")
             continue
         out = run_dir / label
+        peak = _TrainingPeak()
         _, result, summary = train_and_evaluate(config, host, plugins, out, data, label)
+        summary.update(peak.read())
         summary["adaptations"] = result.metrics.adaptations
         ended = host.call_each("on_train_end", host.active(plugins), model=result.model, metrics=summary,
                                run_dir=out, config=config)
@@ -242,47 +273,54 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
     write_json(run_dir / "optimization_analysis.json", optimization_analysis(host, config, summaries))
     env = environment(host)
     write_json(run_dir / "environment.json", env)
-    (run_dir / "report.md").write_text(training_report(config, summaries, host, env, validation, sections))
+    atomic_write_text(run_dir / "report.md", training_report(config, summaries, host, env, validation, sections))
     return run_dir
 
 
 def validate_variants(config: RunConfig, host: PluginHost, results: dict, variants: dict[str, list[str]], data,
                       run_dir: Path) -> dict[str, Any]:
     """Every trained variant and every export, measured in one interleaved session against torch eager."""
-    from .backends import HFGenerateBackend, TorchBackend
-    from .models import is_hf_model
-    from .validator import plot_validation, validate
+    import tempfile
 
-    baseline_model = results["baseline"].model
-    backends: dict[str, Any] = {"torch": TorchBackend(baseline_model, "torch")}
-    if is_hf_model(baseline_model):
-        backends["hf-generate"] = HFGenerateBackend(baseline_model)
-    for label, plugins in variants.items():
-        if not plugins:
-            continue
-        plain = TorchBackend(results[label].model, label).plain_generate
-        generate_fn = host.fold("on_infer", host.active(plugins), "generate", plain,
-                                model=results[label].model, tokenizer=data.tokenizer, config=config)
-        if generate_fn is not plain or results[label] is not results["baseline"]:
-            backends[f"torch-{label}"] = TorchBackend(results[label].model, f"torch-{label}", generate_fn)
+    from .validator import plot_validation
+    from .workers import Variant, export_entry, plan_variants
+
     final = "optimized" if "optimized" in variants else "baseline"
+    if host.active(variants[final]):  # exports take tens of seconds: say what is going on
+        log.info("export: on_export of %s into %s", ", ".join(host.active(variants[final])), run_dir / "export")
     exports = host.call_each("on_export", host.active(variants[final]), model=results[final].model,
                              tokenizer=data.tokenizer, export_dir=run_dir / "export", config=config)
-    for plugin, result in exports.items():
-        result = result or {}
-        # A plugin may hand over live backends; otherwise any plugin may load the export from disk.
-        live = result.pop("backends", None) or {}
-        for name, path in (result.get("exports") or {}).items():
-            backend = live.get(name) or host.pm.hook.load_backend(path=Path(path))
-            if backend is None:
-                host.disable(plugin, "load_backend", f"no plugin can load the export {path}")
-            else:
-                backends[name] = backend
-    report = validate(backends, "torch", data.test, config.validate_, data.test,
-                      perplexity_batch_size=config.train.batch_size)
+    with tempfile.TemporaryDirectory(prefix="ryzen-validate-") as workdir:
+        plan = plan_variants([Variant(label, results[label].model, plugins) for label, plugins in variants.items()],
+                             host, config, data.tokenizer, Path(workdir))
+        for plugin, result in exports.items():
+            result = result or {}
+            # A plugin may hand over live backends (used inline); a worker loads the export from disk itself.
+            live = result.pop("backends", None) or {}
+            for name, path in (result.get("exports") or {}).items():
+                entry = export_entry(host, name, Path(path), live.get(name), config.validate_.isolation)
+                if entry is None:
+                    host.disable(plugin, "load_backend", f"no plugin can load the export {path}")
+                else:
+                    plan.backends[name], plan.fidelity_reference[name] = entry, plan.own_fp32[final]
+        report = _validate_plan(plan, host, config, data)
     report["exports"] = exports
     write_json(run_dir / "inference_validation_report.json", report)
     plot_validation(report, run_dir / "inference_validation.png")
+    return report
+
+
+def _validate_plan(plan, host: PluginHost, config: RunConfig, data) -> dict[str, Any]:
+    """Run the validation; what plugins recorded inside worker processes joins this run's events."""
+    from .plugins import Event
+    from .validator import validate
+
+    report = validate(plan.backends, "torch", data.test, config.validate_, data.test,
+                      perplexity_batch_size=config.train.batch_size, fidelity_reference=plan.fidelity_reference,
+                      reference_backends=plan.references)
+    for worker in report["workers"].values():
+        host.events += [Event(**event) for event in worker["plugin_events"]]
+        host.disabled.update(worker["plugin_disabled"])
     return report
 
 
@@ -319,36 +357,35 @@ def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginH
 
 def bench_inference(run_dir: Path, host: PluginHost, config: RunConfig) -> dict[str, Any]:
     """`ryzen bench infer`: validate the trained models and exports of an earlier run again, without training."""
-    from .backends import HFGenerateBackend, TorchBackend
+    import tempfile
+
     from .checkpoint import latest_checkpoint, load_weights
     from .errors import CheckpointError
-    from .models import is_hf_model
     from .models.build import build_model
-    from .validator import validate
+    from .workers import ExportRecipe, Variant, export_entry, plan_variants, pinned_threads, start_worker
 
     data = load_data(config)
-    backends: dict[str, Any] = {}
-    variants = [d for d in sorted(run_dir.iterdir()) if latest_checkpoint(d) is not None] if run_dir.is_dir() else []
+    directories = [d for d in sorted(run_dir.iterdir()) if latest_checkpoint(d) is not None] if run_dir.is_dir() else []
     if latest_checkpoint(run_dir) is not None:
-        variants = [run_dir]
-    if not variants:
+        directories = [run_dir]
+    if not directories:
         raise CheckpointError(f"{run_dir} holds no trained model (no training_checkpoint/LATEST)")
-    for variant in variants:
+    variants = []
+    for directory in directories:
         model = build_model(config.model, data.tokenizer.vocab_size)
-        load_weights(model, latest_checkpoint(variant))
-        name = "torch" if not backends else f"torch-{variant.name}"
+        load_weights(model, latest_checkpoint(directory))
         # Variants are named after their plugins (see run_pipeline): apply their on_infer as the run did.
-        plugins = [] if name == "torch" else ([variant.name.removeprefix("only-")] if variant.name.startswith("only-")
-                                              else config.plugins)
-        plain = TorchBackend(model, name).plain_generate
-        generate_fn = host.fold("on_infer", host.active(plugins), "generate", plain, model=model,
-                                tokenizer=data.tokenizer, config=config)
-        backends[name] = TorchBackend(model, name, generate_fn if generate_fn is not plain else None)
-        if name == "torch" and is_hf_model(model):
-            backends["hf-generate"] = HFGenerateBackend(model)
-    for export in sorted((run_dir / "export").glob("*")) if (run_dir / "export").is_dir() else []:
-        backend = host.pm.hook.load_backend(path=export)
-        if backend is not None:
-            backends[backend.name] = backend
-    return validate(backends, "torch", data.test, config.validate_, data.test,
-                    perplexity_batch_size=config.train.batch_size)
+        plugins = [] if not variants else ([directory.name.removeprefix("only-")]
+                                           if directory.name.startswith("only-") else config.plugins)
+        variants.append(Variant(directory.name, model, plugins, latest_checkpoint(directory)))
+    final = "optimized" if any(v.label == "optimized" for v in variants) else variants[0].label
+    cfg = config.validate_
+    with tempfile.TemporaryDirectory(prefix="ryzen-validate-") as workdir:
+        plan = plan_variants(variants, host, config, data.tokenizer, Path(workdir))
+        for export in sorted((run_dir / "export").glob("*")) if (run_dir / "export").is_dir() else []:
+            entry = export_entry(host, None, export, None, cfg.isolation)
+            if isinstance(entry, ExportRecipe):  # started now: its name is the one the loaded backend gives itself
+                entry = start_worker(entry, cfg.isolation, pinned_threads(cfg), cfg.worker_timeout_s)
+            if entry is not None:
+                plan.backends[entry.name], plan.fidelity_reference[entry.name] = entry, plan.own_fp32[final]
+        return _validate_plan(plan, host, config, data)

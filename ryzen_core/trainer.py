@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +21,15 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_checkpoint, load_checkpoint, remove_orphans, save_checkpoint, set_aside
 from .config import RunConfig
 from .data import BatchSampler, PreparedData
 from .errors import TrainingError
 from .forward import Forward, reference_forward
 from .metrics import MetricsCollector
 from .models.build import build_model
-from .plugins import Event, PluginHost, describe_error
+from .plugins import Event, PluginHost, describe_error, json_value
+from .progress import Progress, progress
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,6 @@ def _cpuinfo_has(flag: str) -> bool:
         return flag in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-
-
-def interactive() -> bool:
-    return sys.stderr.isatty() and not os.environ.get("CI")
 
 
 def lr_factor(step: int, warmup: int, total: int | None, min_ratio: float) -> float:
@@ -241,13 +236,16 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: torch.Tensor | None = None, max_batches: int | None = None) -> float:
-        """Mean next-token loss of the plain fp32 model over the first batches of a split (validation by default)."""
+    def evaluate(self, split: torch.Tensor | None = None, max_batches: int | None = None,
+                 desc: str | None = None) -> float:
+        """Mean next-token loss of the plain fp32 model over the first batches of a split (validation by default);
+        with `desc`, progress is shown under that name."""
         split = self.data.validation if split is None else split
         max_batches = max_batches or self.tc.eval_batches
         self.model.eval()
         total, count = 0.0, 0
-        for i in range(0, min(len(split), max_batches * self.tc.batch_size), self.tc.batch_size):
+        starts = range(0, min(len(split), max_batches * self.tc.batch_size), self.tc.batch_size)
+        for i in (progress(starts, desc, unit="batch") if desc and self.rank == 0 else starts):
             rows = split[i: i + self.tc.batch_size]
             total += self.reference(rows[:, :-1], rows[:, 1:]).loss.item() * len(rows)
             count += len(rows)
@@ -262,9 +260,15 @@ class Trainer:
         changes = self.host.call_each("on_epoch_end", self.active_plugins, epoch=epoch, metrics=dict(row),
                                       model=self.model, config=self.config)
         for name, change in changes.items():
-            if change:
-                self.metrics.log_adaptation(self.step, name, change)
-                self.host.recorder(name, "on_epoch_end")("adapted", step=self.step, changes=change)
+            if not change:
+                continue
+            try:
+                change = json_value(change, "its result")
+            except TypeError as exc:  # it would break the next checkpoint; the plugin goes like any failing one
+                self.host.disable(name, "on_epoch_end", f"returned {exc}")
+                continue
+            self.metrics.log_adaptation(self.step, name, change)
+            self.host.recorder(name, "on_epoch_end")("adapted", step=self.step, changes=change)
         log.info("%s step %d: val_loss %.4f (ppl %.1f)", self.label, self.step, val_loss, row["val_perplexity"])
         if val_loss < self.best_val - 1e-4:
             self.best_val, self.evals_since_best = val_loss, 0
@@ -293,9 +297,12 @@ class Trainer:
             dist.barrier()
 
     def resume(self) -> bool:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
+        point = find_checkpoint(self.run_dir)
+        if point is None:
             return False
+        path = point.path
+        if self.rank == 0:
+            set_aside(point)  # checkpoints passed over are kept under another name, never overwritten
         trainer_state, state = load_checkpoint(path, self.model)
         self.optimizer.load_state_dict(trainer_state["optimizer"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
@@ -333,34 +340,25 @@ class Trainer:
         return None
 
     def fit(self, resume: bool = False) -> TrainResult:
+        if self.rank == 0:
+            remove_orphans(self.run_dir)
         if resume:
             self.resume()
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.label, unit="step",
-                   disable=not interactive() or self.rank != 0, dynamic_ncols=True)
-        log_every = max(1, (self.total_steps or 100) // 10)
         stopped = self._done()
         trained = stopped is None  # a resumed run that had already finished is final as it stands
-        with logging_redirect_tqdm():  # log lines print above the bar instead of breaking it
+        with Progress(self.label, self.total_steps, enabled=self.rank == 0, initial=self.step) as bar:
             while stopped is None:
                 self.train_step()
                 row = self.metrics.steps[-1]
                 self.host.call_each("on_train_batch_end", self.active_plugins, step=self.step, model=self.model,
                                     optimizer=self.optimizer, metrics=dict(row), config=self.config)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if bar.disable and self.rank == 0 and (self.step % log_every == 0 or self.step == 1):
-                    log.info("%s step %d/%s loss %.4f lr %.2e %.0f tok/s", self.label, self.step,
-                             self.total_steps or "?", row["loss"], row["lr"], row["tokens_per_s"])
+                bar.update(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
                 stopped = self._done()
                 if self.step % self.tc.eval_every == 0 or stopped:
                     if self._evaluate_and_adapt() and stopped is None:
                         stopped = f"early stopping (no improvement in {self.tc.early_stop_patience} evaluations)"
                 if self.step % self.tc.checkpoint_every == 0 and stopped is None:
                     self.save()
-        bar.close()
         if trained:
             self._finalize()
             self.save()  # the final checkpoint holds the finalized weights every other artifact comes from

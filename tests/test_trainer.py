@@ -139,20 +139,6 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(ryzen, tmp_path):
     assert [e["val_loss"] for e in b["evals"]] == [e["val_loss"] for e in a["evals"]]
 
 
-def test_corrupt_checkpoint_is_a_clear_error(ryzen, tmp_path):
-    out = tmp_path / "run"
-    assert ryzen("train", *tiny_sets(), "--out", str(out)).returncode == 0
-    weights = latest_checkpoint(out) / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    result = ryzen("train", "--resume", str(out))
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1:] == [
-        f"Error: checkpoint file {weights} is truncated or corrupt (100 bytes, expected "
-        f"{json.loads((weights.parent / 'manifest.json').read_text())['model.safetensors']['bytes']})"]
-    assert ryzen("train", "--resume", str(tmp_path / "nothing")).returncode != 0
-
-
 def test_bad_jsonl_is_a_config_error(ryzen, tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text('{"text": "fine"}\nnot json\n')

@@ -1,0 +1,126 @@
+"""Malformed and hostile input, one case per line: every case must end in one short line that names
+the problem (a RyzenError with its exit code), never a traceback, a hang or a wrong result.
+
+A case is (kind, payload, expected text in the message, exit code). `kind` says where the payload
+goes; the functions in RUNNERS put it there and call the code that must refuse it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ryzen_core.checkpoint import load_checkpoint, save_checkpoint, verify
+from ryzen_core.config import load_config
+from ryzen_core.errors import RyzenError
+from ryzen_core.rundir import claim_run_directory
+
+MAX_MESSAGE = 400  # characters: an error line a person can read, whatever the input held
+
+STATE = {"label": "train", "step": 3, "micro_batches": 3, "elapsed": 0.5, "best_val": None, "evals_since_best": 0,
+         "metrics": {"steps": [], "evals": [], "anomalies": [], "adaptations": []}, "disabled": {}, "events": [],
+         "plugin_settings": {}}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3)
+
+
+def _checkpoint(run_dir: Path) -> Path:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "torch_rng": torch.get_rng_state()}
+    return save_checkpoint(run_dir, 3, model, trainer_state, STATE)
+
+
+def _flip_a_weight_bit(step: Path) -> None:
+    weights = step / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+
+
+def manifest(tmp_path: Path, text: str) -> None:
+    """A checkpoint whose weights were tampered with and whose manifest was replaced by `text`."""
+    step = _checkpoint(tmp_path)
+    _flip_a_weight_bit(step)
+    (step / "manifest.json").write_text(text)
+    load_checkpoint(step, _model())
+
+
+def manifest_without(tmp_path: Path, name: str) -> None:
+    step = _checkpoint(tmp_path)
+    entries = json.loads((step / "manifest.json").read_text())
+    del entries[name]
+    (step / "manifest.json").write_text(json.dumps(entries))
+    load_checkpoint(step, _model())
+
+
+def flipped(tmp_path: Path, name: str) -> None:
+    """One bit of a checkpoint file flipped, the manifest as written."""
+    step = _checkpoint(tmp_path)
+    data = bytearray((step / name).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (step / name).write_bytes(bytes(data))
+    load_checkpoint(step, _model())
+
+
+def state(tmp_path: Path, text: str) -> None:
+    """A checkpoint whose state.json is `text`, with a manifest that vouches for it (written by someone)."""
+    step = _checkpoint(tmp_path)
+    (step / "state.json").write_text(text)
+    entries = json.loads((step / "manifest.json").read_text())
+    entries["state.json"] = {"bytes": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    (step / "manifest.json").write_text(json.dumps(entries))
+    verify(step)
+
+
+def out_dir(tmp_path: Path, where: str) -> None:
+    (tmp_path / "a-file").write_text("x")
+    claim_run_directory(load_config(overrides=[f"output.dir={where.replace('{tmp}', str(tmp_path))}"]))
+
+
+RUNNERS = {f.__name__: f for f in (manifest, manifest_without, flipped, state, out_dir)}
+
+CASES = [
+    # checkpoints: the manifest must vouch, with size and sha256, for every file the loader reads
+    ("manifest", "{}", "manifest.json has no entry for model.safetensors", 1),
+    ("manifest", "[]", "corrupt checkpoint", 1),
+    ("manifest", "7", "corrupt checkpoint", 1),
+    ("manifest", "null", "corrupt checkpoint", 1),
+    ("manifest", '{"model.safetensors": {"bytes": 10}}', "model.safetensors.sha256: Field required", 1),
+    ("manifest", '{"model.safetensors": []}', "corrupt checkpoint", 1),
+    ("manifest", '{"../../etc/passwd": {"bytes": 1, "sha256": "' + "0" * 64 + '"}}', "unexpected file", 1),
+    ("manifest", "\xff\xfe not json", "manifest.json is not readable JSON", 1),
+    ("manifest", "[" * 100_000, "manifest.json is not readable JSON", 1),
+    ("manifest_without", "model.safetensors", "manifest.json has no entry for model.safetensors", 1),
+    ("manifest_without", "state.json", "manifest.json has no entry for state.json", 1),
+    ("flipped", "model.safetensors", "model.safetensors does not match its sha256", 1),
+    ("flipped", "trainer_state.pt", "trainer_state.pt does not match its sha256", 1),
+    ("state", "{}", "state.json does not have the trainer's schema", 1),
+    ("state", "[]", "state.json does not have the trainer's schema", 1),
+    ("state", "3", "state.json does not have the trainer's schema", 1),
+    ("state", json.dumps(dict(STATE, step="3")), "step: Input should be a valid integer", 1),
+    ("state", json.dumps({k: v for k, v in STATE.items() if k != "metrics"}), "metrics: Field required", 1),
+    ("state", json.dumps(dict(STATE, events=[{"plugin": 1}])), "state.json does not have the trainer's schema", 1),
+    # --out must be a directory this process can create and write in
+    ("out_dir", "{tmp}/a-file", "is not a directory", 2),
+    ("out_dir", "/proc/ryzen-cannot-be-here", "cannot create the run directory", 2),
+]
+
+
+@pytest.mark.parametrize("kind, payload, expected, exit_code", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_hostile_input_is_one_clear_line(tmp_path, kind, payload, expected, exit_code):
+    with pytest.raises(RyzenError) as info:
+        RUNNERS[kind](tmp_path, payload)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message and len(message) <= MAX_MESSAGE
+    assert info.value.exit_code == exit_code
