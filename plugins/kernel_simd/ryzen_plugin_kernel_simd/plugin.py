@@ -394,12 +394,13 @@ def register_commands(cli):
     @kernel_group.command("info")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     def info(as_json):
-        """What this CPU can do, from the OS and from torch, and its peak FLOP/s."""
+        """What this CPU can do, from the OS and from torch: its computed peak and measured matmul FLOP/s."""
         from ryzen_core.bench import peak_flops
+        from ryzen_core.hardware_limits import gemm_rates
 
-        cpu, peak = detect(), peak_flops()
+        cpu, peak, measured = detect(), peak_flops(), gemm_rates()
         if as_json:
-            click.echo(json.dumps(dict(cpu.as_dict(), peak=peak), indent=2))
+            click.echo(json.dumps(dict(cpu.as_dict(), peak=peak, measured_gemm=measured), indent=2))
             return
         click.echo(f"CPU: {cpu.model}")
         click.echo(f"cores: {cpu.usable_cores} usable of {cpu.logical_cores} logical, "
@@ -411,6 +412,8 @@ def register_commands(cli):
         click.echo(f"peak fp32: {peak['fp32_flops'] / 1e9:.0f} GFLOP/s; peak bf16: {peak['bf16_flops'] / 1e9:.0f} GFLOP/s "
                    f"({peak['bf16_unit']}); {peak['formula']}, {peak['fma_units_assumed']} FMA units per core assumed, "
                    f"{peak['clock_hz'] / 1e9:.2f} GHz")
+        click.echo("measured matmul: " + ", ".join(f"{d} {measured[d]['flops'] / 1e9:.0f} GFLOP/s" for d in ("fp32", "bf16")
+                                                   if measured.get(d)) + f" ({measured['method']})")
 
     @kernel_group.command("tune")
     @config_option

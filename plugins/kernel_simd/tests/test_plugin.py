@@ -133,6 +133,8 @@ def test_kernel_info_json_includes_peak_flops(tmp_path):
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["peak"]["fp32_flops"] > 0 and info["peak"]["bf16_flops"] >= info["peak"]["fp32_flops"]
+    assert info["measured_gemm"]["fp32"]["flops"] > 0 and info["measured_gemm"]["threads"] >= 1
+    assert list((tmp_path / "hardware").glob("*.json"))  # measured once, then read from RYZEN_CACHE_DIR
     assert set(info["features"]) >= {"avx2", "avx512_bf16", "amx_bf16"}
 
 
