@@ -1,0 +1,135 @@
+"""onnxruntime-genai: its model builder writes the graph (MatMulNBits weights, GroupQueryAttention
+with a shared past/present buffer, fused norms), its `Generator` runs the decode loop natively."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ryzen_core.backends import OnToken
+
+from .loop import assemble, check_request, default_threads
+from .manifest import EngineSkipped, write_manifest
+
+ENGINE = "genai"
+PRECISIONS = ("fp32", "int8", "int4")
+BUILDER_ARCHITECTURES = ("llama",)  # the builder has no GPT-2; these are the ones tested here
+
+
+def missing() -> str | None:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return "onnxruntime-genai is not installed (pip install 'ryzen-plugin-runtimes[genai]')"
+    return None
+
+
+def export(source: Path, out_dir: Path, precision: str, details: dict[str, Any], block_size: int = 32) -> Path:
+    """Run the builder (in its own process: it imports its own torch/transformers state) on `source`."""
+    model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
+    if model_type not in BUILDER_ARCHITECTURES:
+        raise EngineSkipped(f"onnxruntime-genai's model builder does not build {model_type!r} models "
+                            f"(built here: {', '.join(BUILDER_ARCHITECTURES)})")
+    with tempfile.TemporaryDirectory(prefix="genai-builder-") as cache:
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out_dir),
+                   "-p", precision, "-e", "cpu", "-c", cache, "--extra_options", f"int4_block_size={block_size}"]
+        done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EngineSkipped(f"the onnxruntime-genai model builder failed: {last}")
+    write_manifest(out_dir, ENGINE, precision, block_size=block_size, **details)
+    return out_dir
+
+
+class GenaiBackend:
+    """An onnxruntime-genai model: `og.Generator` decodes, timing each `generate_next_token`.
+
+    Stopping at eos is left to this class (the config overlay gives the generator no eos), so
+    eos can be disabled as the validator requires without masking it out of the choices.
+    Full-sequence logits come from the same ONNX graph run by a plain onnxruntime session.
+    """
+
+    def __init__(self, directory: str | Path, manifest: dict[str, Any], threads: int | None = None):
+        import onnxruntime_genai as og
+
+        self.directory = Path(directory)
+        self.name = f"{ENGINE}-{manifest['precision']}"
+        self.threads = default_threads(threads)
+        config = og.Config(str(self.directory))
+        config.clear_providers()  # the CPU provider
+        config.overlay(json.dumps({"model": {"eos_token_id": [], "decoder": {"session_options": {
+            "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
+        self.model = og.Model(config)
+        genai_config = json.loads((self.directory / "genai_config.json").read_text(encoding="utf-8"))["model"]
+        self.vocab_size = int(genai_config["vocab_size"])
+        self.decoder = genai_config["decoder"]
+        self._session = None
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+                 on_token: OnToken | None = None) -> torch.Tensor:
+        import onnxruntime_genai as og
+
+        ids = check_request(input_ids, max_new_tokens)
+        if max_new_tokens == 0:
+            return input_ids
+        batch, prompt_len = ids.shape
+        params = og.GeneratorParams(self.model)
+        search: dict[str, Any] = {"max_length": prompt_len + max_new_tokens, "batch_size": batch, "do_sample": False}
+        if temperature > 0.0:
+            seed = 0 if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            search.update(do_sample=True, temperature=temperature, top_k=top_k or self.vocab_size, top_p=top_p,
+                          random_seed=seed)
+        params.set_search_options(**search)
+        engine = og.Generator(self.model, params)
+        engine.append_tokens(ids.astype(np.int32))
+        rows: list[list[int]] = [[] for _ in range(batch)]
+        finished = np.zeros(batch, dtype=bool)
+        for step in range(max_new_tokens):
+            engine.generate_next_token()
+            tokens = engine.get_next_tokens()
+            for row, token in zip(rows, tokens.tolist()):
+                row.append(token)
+            if on_token is not None:
+                on_token(step)
+            if eos_token_id is not None:
+                finished |= tokens == eos_token_id
+                if finished.all():
+                    break
+        if eos_token_id is not None:  # tokens after a row's eos are replaced by eos, as the torch loop pads
+            rows = [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in rows]
+        return assemble(input_ids, rows, eos_token_id).to(input_ids.device)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = check_request(input_ids)
+        session = self.session()
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for item in session.get_inputs():
+            if item.name.startswith("past_key_values"):
+                heads, head_size = self.decoder["num_key_value_heads"], self.decoder["head_size"]
+                feeds[item.name] = np.zeros((len(ids), heads, 0, head_size), dtype=np.float32)
+        return torch.from_numpy(session.run(["logits"], feeds)[0].astype(np.float32))
+
+    def session(self):
+        """The builder's graph in plain onnxruntime, made on first use (the generator does not expose every position)."""
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.log_severity_level = 3
+            self._session = ort.InferenceSession(str(self.directory / self.decoder["filename"]), options,
+                                                 providers=["CPUExecutionProvider"])
+        return self._session
+
+    def encode(self, text: str) -> list[int]:
+        """onnxruntime-genai's own tokenizer on `text`."""
+        import onnxruntime_genai as og
+
+        return og.Tokenizer(self.model).encode(text).tolist()

@@ -1,0 +1,212 @@
+"""Hook implementations of the runtimes plugin (entry-point name `runtimes`).
+
+Every engine is optional: its module is imported only inside a hook, and an engine that is not
+installed (or cannot take this model) is skipped with the reason recorded, never an error.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ryzen_core import hookimpl
+
+log = logging.getLogger(__name__)
+
+ENGINE_MODULES = {"ctranslate2": "ctranslate2_engine", "llamacpp": "gguf_engine", "openvino": "openvino_engine",
+                  "genai": "genai_engine"}
+BACKEND_CLASSES = {"ctranslate2": "CTranslate2Backend", "llamacpp": "LlamaCppBackend",
+                   "openvino": "OpenVinoBackend", "genai": "GenaiBackend"}
+SOURCE_DIR = "runtimes-hf-source"
+SOURCE_MARKER = ".ryzen-runtimes-source"
+Engine = Literal["ctranslate2", "llamacpp", "openvino", "genai"]
+
+
+class RuntimesSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engines: list[Engine] = ["ctranslate2", "llamacpp", "openvino", "genai"]
+    """Engines to build, each only where it is installed."""
+    ctranslate2: list[Literal["float32", "int8"]] = ["float32", "int8"]
+    """CTranslate2 weight types (int8 runs with int8 weights and float32 everything else)."""
+    llamacpp: list[Literal["F16", "Q8_0", "Q4_0"]] = ["F16", "Q8_0", "Q4_0"]
+    """GGUF weight types for llama.cpp."""
+    openvino: list[Literal["fp32", "int8", "int4"]] = ["fp32", "int8", "int4"]
+    """OpenVINO weight types (int8/int4 through nncf's weight compression)."""
+    genai: list[Literal["fp32", "int8", "int4"]] = ["int8", "int4"]
+    """onnxruntime-genai model-builder precisions (weight-only MatMulNBits for int8/int4)."""
+    block_size: int = Field(32, ge=16, le=256)
+    """Weights per quantization block for onnxruntime-genai int4 and OpenVINO int4 (a power of two)."""
+    parity_tokens: int = Field(32, ge=2)
+    """Tokens of fixed text whose logits each export is compared on with the torch model (recorded, not gated)."""
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size must be a power of two, got {value}")
+        return value
+
+    def wanted(self) -> list[tuple[str, str]]:
+        return [(engine, precision) for engine in dict.fromkeys(self.engines)
+                for precision in dict.fromkeys(getattr(self, engine))]
+
+
+def engine_module(engine: str):
+    return importlib.import_module(f".{ENGINE_MODULES[engine]}", __package__)
+
+
+def export_name(engine: str, precision: str) -> str:
+    return f"{engine}-{precision.lower()}"
+
+
+def fresh_dir(directory: Path, ours: bool) -> Path:
+    """An empty `directory`; an older export of ours there is replaced, anything else is left alone."""
+    from .manifest import EngineSkipped
+
+    if directory.exists():
+        if not ours and any(directory.iterdir()):
+            raise EngineSkipped(f"{directory} exists, is not empty and was not written by this plugin")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    return directory
+
+
+def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: RuntimesSettings | None = None,
+               record: Any = None) -> dict[str, Any]:
+    """Convert `model` for every wanted engine that is installed; returns what on_export returns."""
+    from .hf_source import hf_architecture, unwrap, write_hf_source
+    from .manifest import EngineSkipped, directory_bytes, read_manifest
+
+    settings = settings or RuntimesSettings()
+    record = record or (lambda event, **data: None)
+    export_dir = Path(export_dir)
+    result: dict[str, Any] = {"exports": {}, "skipped": {}, "sizes_bytes": {}, "parity": {}, "tokenizer": {},
+                              "backends": {}}
+
+    def skip(name: str, reason: str) -> None:
+        result["skipped"][name] = reason
+        record("skipped", export=name, reason=reason)
+
+    wanted = []
+    for engine, precision in settings.wanted():
+        reason = engine_module(engine).missing()
+        if reason:
+            skip(export_name(engine, precision), reason)
+        else:
+            wanted.append((engine, precision))
+    if not wanted:
+        return result
+    try:
+        source = export_dir / SOURCE_DIR
+        write_hf_source(model, tokenizer, fresh_dir(source, (source / SOURCE_MARKER).is_file()))
+        (source / SOURCE_MARKER).touch()
+        architecture = hf_architecture(model)
+    except EngineSkipped as exc:
+        for engine, precision in wanted:
+            skip(export_name(engine, precision), str(exc))
+        return result
+    inner = unwrap(model)
+    details = {"architecture": architecture, "eos_token_id": tokenizer.eos_id,
+               "context_length": inner.config.context_length if architecture == "gpt2" else None}
+    parity_ids = fixed_token_ids(tokenizer, settings.parity_tokens, details["context_length"], model)
+    for engine, precision in wanted:
+        name, module = export_name(engine, precision), engine_module(engine)
+        out_dir = export_dir / name
+        try:
+            fresh_dir(out_dir, read_manifest(out_dir) is not None)
+        except EngineSkipped as exc:
+            skip(name, str(exc))
+            continue
+        try:
+            if engine == "openvino":
+                module.export(export_dir, out_dir, precision, details, block_size=settings.block_size)
+            elif engine == "genai":
+                module.export(source, out_dir, precision, details, block_size=settings.block_size)
+            else:
+                module.export(source, out_dir, precision, details)
+        except EngineSkipped as exc:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            skip(name, str(exc))
+            continue
+        backend = load_backend(out_dir)
+        result["exports"][name] = str(out_dir)
+        result["backends"][backend.name] = backend
+        result["sizes_bytes"][name] = directory_bytes(out_dir)
+        result["parity"][name] = logits_parity(model, backend, parity_ids)
+        result["tokenizer"][name] = tokenizer_identity(backend, tokenizer)
+        record("export", export=name, backend=backend.name, path=str(out_dir), bytes=result["sizes_bytes"][name],
+               parity=result["parity"][name], tokenizer=result["tokenizer"][name])
+    return result
+
+
+def fixed_token_ids(tokenizer: Any, n_tokens: int, context_length: int | None, model: Any):
+    """[1, n] ids of the fixed identity texts, within the model's vocabulary and context."""
+    import torch
+
+    from ryzen_core.models import lm_logits
+
+    from .texts import IDENTITY_TEXTS
+
+    ids = tokenizer.encode("\n".join(IDENTITY_TEXTS))[: min(n_tokens, context_length or n_tokens)]
+    with torch.inference_mode():
+        vocab = lm_logits(model, torch.tensor([ids[:1]])).shape[-1]
+    return torch.tensor([[i % vocab for i in ids]])
+
+
+def logits_parity(model: Any, backend: Any, token_ids) -> dict[str, float]:
+    """Largest |logit difference| from the torch model, and how often both pick the same top token."""
+    import torch
+
+    from ryzen_core.models import lm_logits
+
+    with torch.inference_mode():
+        expected = lm_logits(model.eval(), token_ids).float()
+    got = backend.logits(token_ids)
+    return {"max_abs_logit_diff": float((got - expected).abs().max()),
+            "top1_agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
+            "tokens": int(token_ids.numel())}
+
+
+def tokenizer_identity(backend: Any, tokenizer: Any) -> dict[str, Any]:
+    """Whether the engine's own tokenizer gives Ryzen's ids on the fixed texts (engines without one: not checked)."""
+    from .texts import IDENTITY_TEXTS
+
+    if not hasattr(backend, "encode"):
+        return {"checked": False}
+    different = [text for text in IDENTITY_TEXTS if backend.encode(text) != tokenizer.encode(text)]
+    return {"checked": True, "texts": len(IDENTITY_TEXTS), "identical": not different, "different": different}
+
+
+@hookimpl
+def ryzen_settings():
+    return RuntimesSettings
+
+
+@hookimpl
+def on_export(model, tokenizer, export_dir, settings, record):
+    return export_all(model, tokenizer, export_dir, settings, record)
+
+
+@hookimpl
+def load_backend(path):
+    """The backend for one of our export directories, built from the directory alone (a fresh worker
+    process can call this); None for directories of other plugins or an engine not installed here."""
+    from .manifest import RuntimeExportError, read_manifest
+
+    manifest = read_manifest(path)
+    if manifest is None:
+        return None
+    engine = manifest["engine"]
+    if engine not in ENGINE_MODULES:
+        raise RuntimeExportError(f"{path}: unknown engine {engine!r} in its runtime.json")
+    module = engine_module(engine)
+    reason = module.missing()
+    if reason:
+        log.warning("cannot run the %s export %s here: %s", engine, path, reason)
+        return None
+    return getattr(module, BACKEND_CLASSES[engine])(Path(path), manifest)

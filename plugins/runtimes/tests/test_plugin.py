@@ -1,0 +1,117 @@
+"""The runtimes plugin without any engine: discovery, settings, the GPT-2 form of the built-in model,
+skipping with reasons, and load_backend's dispatch."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from pydantic import ValidationError
+
+from ryzen_core.models import Transformer, TransformerConfig, lm_logits
+from ryzen_core.plugins import PluginHost
+from ryzen_plugin_runtimes import plugin
+from ryzen_plugin_runtimes.hf_source import gpt2_from_builtin, write_hf_source
+from ryzen_plugin_runtimes.manifest import EngineSkipped, RuntimeExportError, write_manifest
+from ryzen_plugin_runtimes.plugin import RuntimesSettings, export_all, load_backend
+
+
+def test_plugin_is_installed():
+    host = PluginHost()
+    host.load_installed(["runtimes"])
+    record = host.records.get("runtimes")
+    assert record is not None and record.status == "loaded", record and record.error
+    assert {"on_export", "load_backend", "ryzen_settings"} <= set(record.hooks)
+
+
+def test_settings_choose_engines_and_precisions():
+    settings = RuntimesSettings(engines=["ctranslate2", "genai", "ctranslate2"], ctranslate2=["int8"], genai=["int4"])
+    assert settings.wanted() == [("ctranslate2", "int8"), ("genai", "int4")]
+    with pytest.raises(ValidationError, match="power of two"):
+        RuntimesSettings(block_size=48)
+    with pytest.raises(ValidationError):
+        RuntimesSettings(engines=["tensorrt"])
+    with pytest.raises(ValidationError):
+        RuntimesSettings(llamacpp=["Q5_K"])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_form_of_the_builtin_model_gives_the_same_logits(tied, tokenizer):
+    torch.manual_seed(1)
+    model = Transformer(TransformerConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size,
+                                                      tie_embeddings=tied)).eval()
+    with torch.no_grad():  # the random init is small; larger weights make a layout mistake show in the logits
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    ids = torch.randint(0, tokenizer.vocab_size, (2, model.config.context_length))
+    with torch.inference_mode():
+        ours = lm_logits(model, ids)
+        theirs = gpt2_from_builtin(model)(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_hf_source_directory_loads_back_with_transformers(builtin_model, tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ryzen_core.models import load_hf_model
+
+    write_hf_source(builtin_model, tokenizer, tmp_path)
+    ids = torch.tensor([tokenizer.encode("def forward(self, x):")])
+    with torch.inference_mode():
+        torch.testing.assert_close(load_hf_model(tmp_path)(ids).logits, lm_logits(builtin_model, ids), atol=1e-4, rtol=0)
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    assert hf_tokenizer.eos_token == hf_tokenizer.bos_token == tokenizer.eos_token
+
+
+def test_a_model_changed_by_a_plugin_is_skipped_with_the_reason(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size))
+    model.blocks[1].mlp.activation = nn.ReLU()
+    with pytest.raises(EngineSkipped, match="block 1 MLP activation"):
+        gpt2_from_builtin(model)
+    events = []
+    settings = RuntimesSettings(engines=["ctranslate2"])
+    if plugin.engine_module("ctranslate2").missing():
+        pytest.skip("ctranslate2 is not installed: the engine is skipped before the model is looked at")
+    result = export_all(model, tokenizer, tmp_path, settings, lambda event, **data: events.append((event, data)))
+    assert result["exports"] == {}
+    assert set(result["skipped"]) == {"ctranslate2-float32", "ctranslate2-int8"}
+    assert all("activation" in reason for reason in result["skipped"].values())
+    assert [e for e, _ in events] == ["skipped", "skipped"]
+
+
+def test_engines_that_are_not_installed_are_skipped_with_the_reason(builtin_model, tokenizer, tmp_path, monkeypatch):
+    module = plugin.engine_module("ctranslate2")
+    monkeypatch.setattr(module, "missing", lambda: "ctranslate2 is not installed (test)")
+    events = []
+    result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"]),
+                        lambda event, **data: events.append((event, data)))
+    assert result["exports"] == {} and result["backends"] == {}
+    assert result["skipped"] == {"ctranslate2-float32": "ctranslate2 is not installed (test)",
+                                 "ctranslate2-int8": "ctranslate2 is not installed (test)"}
+    assert events[0] == ("skipped", {"export": "ctranslate2-float32", "reason": "ctranslate2 is not installed (test)"})
+    assert not any(tmp_path.iterdir())  # nothing written when nothing can be built
+
+
+def test_an_existing_directory_that_is_not_ours_is_left_alone(builtin_model, tokenizer, tmp_path):
+    if plugin.engine_module("ctranslate2").missing():
+        pytest.skip("ctranslate2 is not installed")
+    (tmp_path / "ctranslate2-int8").mkdir()
+    (tmp_path / "ctranslate2-int8" / "notes.txt").write_text("mine")
+    result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"]))
+    assert "not written by this plugin" in result["skipped"]["ctranslate2-int8"]
+    assert (tmp_path / "ctranslate2-int8" / "notes.txt").read_text() == "mine"
+    assert "ctranslate2-float32" in result["exports"]
+
+
+def test_load_backend_answers_only_for_its_own_directories(tmp_path):
+    assert load_backend(tmp_path) is None  # no runtime.json: another plugin's export
+    (tmp_path / "export.json").write_text(json.dumps({"format": "ryzen-onnx/1"}))
+    assert load_backend(tmp_path) is None
+    write_manifest(tmp_path, "tensorrt", "fp8")
+    with pytest.raises(RuntimeExportError, match="unknown engine 'tensorrt'"):
+        load_backend(tmp_path)
+    (tmp_path / "runtime.json").write_text("{not json")
+    with pytest.raises(RuntimeExportError, match="cannot read"):
+        load_backend(tmp_path)
