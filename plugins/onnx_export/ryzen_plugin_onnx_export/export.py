@@ -81,7 +81,7 @@ class KVLayout:
         return ["logits"] + [f"present_{kv}_{i}" for i in range(self.layers) for kv in ("key", "value")]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
@@ -145,7 +145,7 @@ def kv_layout(model: nn.Module) -> KVLayout:
     """The cache layout of a built-in Transformer or a transformers causal LM."""
     from ryzen_core.models import Transformer, is_hf_model
 
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if isinstance(inner, Transformer):
         config = inner.config
         return KVLayout("builtin", config.n_layers, config.n_heads, config.head_dim, config.vocab_size,
@@ -173,7 +173,7 @@ def kv_layout(model: nn.Module) -> KVLayout:
 
 
 def kv_wrapper(model: nn.Module, layout: KVLayout) -> nn.Module:
-    inner = _unwrap(model)
+    inner = unwrap(model)
     return BuiltinKVWrapper(inner) if layout.kind == "builtin" else HFKVWrapper(inner, layout.layers)
 
 
@@ -242,7 +242,7 @@ def export_size_bytes(export_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in export_files(Path(export_dir)))
 
 
-def _write_manifest(export_dir: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(export_dir: Path, manifest: dict[str, Any]) -> None:
     (export_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
@@ -260,7 +260,7 @@ def read_manifest(export_dir: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _fresh_dir(out_dir: Path) -> None:
+def fresh_dir(out_dir: Path) -> None:
     # Never merge into an older export: stale external-data files would be picked up.
     if out_dir.exists():
         if read_manifest(out_dir) is None and any(out_dir.iterdir()):
@@ -277,11 +277,11 @@ def export_onnx(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, opset:
     """
     out_dir = Path(out_dir)
     layout = kv_layout(model)
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if any(p.dtype != torch.float32 for p in inner.parameters()):
         raise ExportError("onnx export needs float32 weights; call model.float() first "
                           f"(found {sorted({str(p.dtype) for p in inner.parameters()})})")
-    _fresh_dir(out_dir)
+    fresh_dir(out_dir)
     external_data = _parameter_bytes(inner) > EXTERNAL_DATA_BYTES
     was_training = inner.training
     inner.eval()
@@ -291,7 +291,7 @@ def export_onnx(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, opset:
         inner.train(was_training)
     if tokenizer is not None:
         tokenizer.save(out_dir)
-    _write_manifest(out_dir, {
+    write_manifest(out_dir, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "precision": "fp32",
@@ -368,7 +368,7 @@ def quantize_int8(fp32_dir: str | Path, out_dir: str | Path, *, per_channel: boo
         raise ExportError(f"{fp32_dir} is not an fp32 onnx export")
     if out_dir.resolve() == fp32_dir.resolve():
         raise ExportError("the int8 export needs its own directory")
-    _fresh_dir(out_dir)
+    fresh_dir(out_dir)
     # The quantizer logs a root-level warning suggesting pre-processing (symbolic shape
     # inference + ORT fusions); sessions apply the same fusions at load time anyway.
     root = logging.getLogger()
@@ -379,13 +379,15 @@ def quantize_int8(fp32_dir: str | Path, out_dir: str | Path, *, per_channel: boo
             _fold_transposed_weights(onnx.load(str(fp32_dir / MODEL_FILE))), out_dir / MODEL_FILE, op_types_to_quantize=list(INT8_OP_TYPES),
             per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
             use_external_data_format=bool(manifest.get("external_data")),
+            # The fused graph's contrib ops have no shape inference in onnx; their outputs are float.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:
         root.setLevel(previous)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "genai_config.json"):
         if (fp32_dir / name).is_file():
             shutil.copy2(fp32_dir / name, out_dir / name)
-    _write_manifest(out_dir, {
+    write_manifest(out_dir, {
         **manifest,
         "precision": "int8",
         "quantization": {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",

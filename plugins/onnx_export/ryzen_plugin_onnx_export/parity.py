@@ -8,7 +8,9 @@ Two measurements on held-out token ids:
 Tolerances are tiered by precision:
   * fp32: max abs diff <= fp32_tolerance (default 1e-3; the two runtimes differ only by
     float summation order, ~1e-6 on logits of a few units) and greedy tokens identical.
-  * int8: max abs diff <= int8_tolerance x max |torch logit| (default 0.1) and top-1
+  * int8 (and int4, with its own looser pair of thresholds, defaults 0.3 and 0.75: a
+    4-bit weight keeps 1/15 of its block's range, 16x coarser than int8):
+    max abs diff <= int8_tolerance x max |torch logit| (default 0.1) and top-1
     agreement >= int8_min_top1 (default 0.9). Dynamic int8 rounds every weight to 1/254
     of its column's range and every activation row to 1/255 of its range; those errors
     add up over the layers. Measured on this repo's tiny models (built-in and Llama,
@@ -33,6 +35,8 @@ from ryzen_core.models import lm_logits
 DEFAULT_FP32_TOLERANCE = 1e-3
 DEFAULT_INT8_TOLERANCE = 0.1
 DEFAULT_INT8_MIN_TOP1 = 0.9
+DEFAULT_INT4_TOLERANCE = 0.3
+DEFAULT_INT4_MIN_TOP1 = 0.75
 PARITY_ROWS = 2
 PROMPT_TOKENS = 8
 
@@ -106,30 +110,32 @@ def measure_parity(model: nn.Module, backend: Any, token_ids: torch.Tensor, new_
 
 def check_parity(model: nn.Module, backend: Any, token_ids: torch.Tensor, *, precision: str, new_tokens: int = 16,
                  fp32_tolerance: float = DEFAULT_FP32_TOLERANCE, int8_tolerance: float = DEFAULT_INT8_TOLERANCE,
-                 int8_min_top1: float = DEFAULT_INT8_MIN_TOP1) -> dict[str, Any]:
+                 int8_min_top1: float = DEFAULT_INT8_MIN_TOP1, int4_tolerance: float = DEFAULT_INT4_TOLERANCE,
+                 int4_min_top1: float = DEFAULT_INT4_MIN_TOP1) -> dict[str, Any]:
     """Measure parity and raise ParityError (one line, with the numbers) when it fails."""
+    quantized = {"int8": (int8_tolerance, int8_min_top1), "int4": (int4_tolerance, int4_min_top1)}
+    if precision != "fp32" and precision not in quantized:
+        raise ValueError(f"unknown precision {precision!r}: expected 'fp32', 'int8' or 'int4'")
     result = measure_parity(model, backend, token_ids, new_tokens)
     result["precision"] = precision
+    failures = []
     if precision == "fp32":
         result["tolerance"] = fp32_tolerance
-        failures = []
         if not result["max_abs_diff"] <= fp32_tolerance:  # also catches NaN
             failures.append(f"max abs logit diff {result['max_abs_diff']:.3g} > {fp32_tolerance:g}")
         if result["greedy_agreement"] < 1.0:
             failures.append(f"greedy tokens differ ({result['greedy_agreement']:.1%} of {result['greedy_tokens']} "
                             f"agree, first {result['greedy_agreeing_prefix']:.1f} on average)")
-    elif precision == "int8":
-        bound = int8_tolerance * result["max_abs_logit"]
-        result.update(tolerance=int8_tolerance, max_abs_diff_bound=bound, min_top1=int8_min_top1)
-        failures = []
-        if not result["max_abs_diff"] <= bound:
-            failures.append(f"max abs logit diff {result['max_abs_diff']:.3g} > {int8_tolerance:g} x max |logit| "
-                            f"{result['max_abs_logit']:.3g} = {bound:.3g}")
-        if result["top1_agreement"] < int8_min_top1:
-            failures.append(f"top-1 agreement {result['top1_agreement']:.1%} < {int8_min_top1:.0%} "
-                            f"over {result['logit_positions']} positions")
     else:
-        raise ValueError(f"unknown precision {precision!r}: expected 'fp32' or 'int8'")
+        tolerance, min_top1 = quantized[precision]
+        bound = tolerance * result["max_abs_logit"]
+        result.update(tolerance=tolerance, max_abs_diff_bound=bound, min_top1=min_top1)
+        if not result["max_abs_diff"] <= bound:
+            failures.append(f"max abs logit diff {result['max_abs_diff']:.3g} > {tolerance:g} x max |logit| "
+                            f"{result['max_abs_logit']:.3g} = {bound:.3g}")
+        if result["top1_agreement"] < min_top1:
+            failures.append(f"top-1 agreement {result['top1_agreement']:.1%} < {min_top1:.0%} "
+                            f"over {result['logit_positions']} positions")
     result["passed"] = not failures
     if failures:
         raise ParityError(f"{backend.name} parity failed vs torch: " + "; ".join(failures))

@@ -1,4 +1,14 @@
-"""onnxruntime inference for our exports, behind the core `Backend` protocol."""
+"""onnxruntime inference for our exports, behind the core `Backend` protocol.
+
+Two graph layouts (export.json's `graph`):
+  * "fused" (graph_builder.py): GroupQueryAttention over one preallocated KV buffer per
+    layer. `FusedOrtBackend` binds each buffer with IOBinding as both past and present,
+    so a decode step writes one position in place and copies no cache.
+  * "traced" (the dynamo export, kept for models the builder does not write):
+    `OrtBackend` feeds the previous step's presents back, which grow by one position.
+Both sample with the torch loop's `sample_next`, so for the same generator seed every
+backend picks the same tokens from the same logits.
+"""
 from __future__ import annotations
 
 import os
@@ -13,17 +23,27 @@ from ryzen_core.models.generate import sample_next
 from .export import MODEL_FILE, ExportError, read_manifest
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+# Set by the core's validator in a worker process that runs one backend alone.
+ISOLATED_ENV = "RYZEN_BACKEND_ISOLATED"
+
+Decoder = Callable[[np.ndarray], np.ndarray]  # token ids [B, T] -> last-position logits [B, V]
+
+
+def spinning_default() -> bool:
+    """Spin only when nothing else shares the process: spinning workers make each decode
+    step faster but burn the cores for a moment after every run, which slows torch code
+    running right after them in the same process."""
+    return os.environ.get(ISOLATED_ENV) == "1"
 
 
 def session_options(threads: int | None = None, graph_optimization: str = "all", inter_op_threads: int = 1,
-                    allow_spinning: bool = False):
+                    allow_spinning: bool | None = None):
     """onnxruntime SessionOptions from the plugin's settings.
 
     threads=None lets onnxruntime use one intra-op thread per physical core. Sequential
     execution with one inter-op thread suits a decoder: its graph is a chain, so parallel
-    branches buy nothing and would compete with the intra-op pool. Spinning idle workers
-    make each decode step faster but burn the cores for a moment after every run, which
-    slows torch code running right after in the same process; turn it off when mixing.
+    branches buy nothing and would compete with the intra-op pool. allow_spinning=None
+    follows `spinning_default()`.
     """
     import onnxruntime as ort
 
@@ -35,26 +55,22 @@ def session_options(threads: int | None = None, graph_optimization: str = "all",
     }
     if graph_optimization not in levels:
         raise ValueError(f"graph_optimization must be one of {GRAPH_OPTIMIZATION_LEVELS}, got {graph_optimization!r}")
+    spinning = spinning_default() if allow_spinning is None else allow_spinning
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[graph_optimization]
     options.intra_op_num_threads = threads or 0
     options.inter_op_num_threads = inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3  # errors only: shape-inference chatter is not actionable
     return options
 
 
-class OrtBackend:
-    """An onnx export (fp32 or int8) run by onnxruntime on the CPU.
-
-    `logits` runs without a cache (past_len 0); `generate` prefills once and then feeds
-    one token plus the previous step's presents, sampling with the same `sample_next`
-    as the torch loop so both backends pick the same tokens for the same generator seed.
-    """
+class _ExportBackend:
+    """What both layouts share: the manifest, input checks and the sampling loop."""
 
     def __init__(self, export_dir: str | os.PathLike, threads: int | None = None, graph_optimization: str = "all",
-                 inter_op_threads: int = 1, allow_spinning: bool = False):
+                 inter_op_threads: int = 1, allow_spinning: bool | None = None):
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
@@ -79,22 +95,14 @@ class OrtBackend:
         model_path = self.export_dir / MODEL_FILE
         if not model_path.is_file():
             raise ExportError(f"{self.export_dir} has export.json but no {MODEL_FILE}")
-        self.session = ort.InferenceSession(
-            str(model_path), sess_options=session_options(threads, graph_optimization, inter_op_threads, allow_spinning),
-            providers=["CPUExecutionProvider"],
-        )
-
-    # -- one graph call ------------------------------------------------------------
-    def _empty_past(self, batch: int) -> list[np.ndarray]:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        return [empty] * (2 * self.layers)
-
-    def step(self, input_ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One forward: logits [B, T, V] and the presents to feed next time."""
-        feeds = {"input_ids": input_ids}
-        feeds.update(zip(self.input_names[1:], past))
-        outputs = self.session.run(self.output_names, feeds)
-        return outputs[0], outputs[1:]
+        self.spinning = spinning_default() if allow_spinning is None else allow_spinning
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), providers=["CPUExecutionProvider"],
+                sess_options=session_options(threads, graph_optimization, inter_op_threads, self.spinning))
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"{model_path} cannot be loaded by onnxruntime: {first[:300]}") from None
 
     def _check_ids(self, input_ids: torch.Tensor, max_new_tokens: int = 0) -> np.ndarray:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -107,11 +115,12 @@ class OrtBackend:
                              f"exceeds the model's context_length {self.context_length}")
         return input_ids.detach().cpu().to(torch.int64).numpy()
 
-    # -- Backend protocol ------------------------------------------------------------
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = self._check_ids(input_ids)
-        logits, _ = self.step(ids, self._empty_past(ids.shape[0]))
-        return torch.from_numpy(logits)
+    def _empty_past(self, batch: int) -> list[np.ndarray]:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        return [empty] * (2 * self.layers)
+
+    def _decoder(self, batch: int, capacity: int) -> Decoder:
+        raise NotImplementedError
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
@@ -119,19 +128,101 @@ class OrtBackend:
         """Prompt plus new tokens, [B, T + produced]; the same contract as ryzen_core.models.generate:
         rows that hit eos early are padded with eos, and the loop stops once every row has."""
         ids = self._check_ids(input_ids, max_new_tokens)
-        sequence = input_ids.detach().cpu()
         finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-        step_input, past = ids, self._empty_past(ids.shape[0])
+        decode = self._decoder(ids.shape[0], ids.shape[1] + max_new_tokens)
+        produced: list[torch.Tensor] = []
+        step_input = ids
         for step in range(max_new_tokens):
-            logits, past = self.step(step_input, past)
-            new_token = sample_next(torch.from_numpy(logits[:, -1, :]), temperature, top_k, top_p, generator)
+            logits = decode(step_input)
+            new_token = sample_next(torch.from_numpy(logits), temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 new_token = new_token.masked_fill(finished, eos_token_id)
                 finished |= new_token == eos_token_id
-            sequence = torch.cat([sequence, new_token.unsqueeze(1).to(sequence.dtype)], dim=1)
+            produced.append(new_token)
             step_input = new_token.unsqueeze(1).to(torch.int64).numpy()
             if on_token is not None:
                 on_token(step)
             if eos_token_id is not None and bool(finished.all()):
                 break
+        sequence = input_ids.detach().cpu()
+        if produced:
+            sequence = torch.cat([sequence, torch.stack(produced, dim=1).to(sequence.dtype)], dim=1)
         return sequence.to(input_ids.device)
+
+
+class OrtBackend(_ExportBackend):
+    """A traced (dynamo) export: `step` feeds the previous presents back, growing them by the new tokens."""
+
+    def step(self, input_ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward: logits [B, T, V] and the presents to feed next time."""
+        feeds = {"input_ids": input_ids}
+        feeds.update(zip(self.input_names[1:], past))
+        outputs = self.session.run(self.output_names, feeds)
+        return outputs[0], outputs[1:]
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = self._check_ids(input_ids)
+        logits, _ = self.step(ids, self._empty_past(ids.shape[0]))
+        return torch.from_numpy(logits)
+
+    def _decoder(self, batch: int, capacity: int) -> Decoder:
+        past = self._empty_past(batch)
+
+        def decode(step_ids: np.ndarray) -> np.ndarray:
+            nonlocal past
+            logits, past = self.step(step_ids, past)
+            return logits[:, -1, :]
+        return decode
+
+
+class FusedOrtBackend(_ExportBackend):
+    """The builder's graph: GroupQueryAttention reads and writes one KV buffer per layer in place."""
+
+    def _feeds(self, ids: np.ndarray, past_len: int) -> dict[str, np.ndarray]:
+        batch, new_len = ids.shape
+        positions = np.arange(past_len, past_len + new_len, dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones((batch, past_len + new_len), dtype=np.int64),
+                "position_ids": np.broadcast_to(positions, (batch, new_len)).copy()}
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = self._check_ids(input_ids)
+        feeds = self._feeds(ids, 0)
+        feeds.update(zip(self.input_names[3:], self._empty_past(ids.shape[0])))
+        return torch.from_numpy(self.session.run(["logits"], feeds)[0])
+
+    def _decoder(self, batch: int, capacity: int) -> Decoder:
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        # Kept alive by this closure: the binding holds raw pointers into these arrays.
+        buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.layers)]
+        for past_name, present_name, buffer in zip(self.input_names[3:], self.output_names[1:], buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+        past_len = 0
+        logits = np.empty(0, dtype=np.float32)
+
+        def decode(step_ids: np.ndarray) -> np.ndarray:
+            nonlocal past_len, logits
+            if logits.shape[:2] != step_ids.shape:  # prefill, then once for the first decode step
+                logits = np.empty((*step_ids.shape, self.vocab_size), dtype=np.float32)
+                binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            feeds = self._feeds(step_ids, past_len)  # alive until the run is done
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, array)
+            self.session.run_with_iobinding(binding)
+            past_len += step_ids.shape[1]
+            return logits[:, -1, :]
+        decode.buffers = buffers  # noqa: B010 - ownership, see above
+        return decode
+
+
+def load_export(export_dir: str | os.PathLike, **options) -> _ExportBackend:
+    """The backend for an export directory, by the graph layout its manifest names."""
+    manifest = read_manifest(export_dir)
+    if manifest is None:
+        raise ExportError(f"{export_dir} is not an onnx export (no valid export.json)")
+    cls = FusedOrtBackend if manifest.get("graph") == "fused" else OrtBackend
+    return cls(export_dir, **options)

@@ -32,7 +32,7 @@ from ryzen_plugin_onnx_export import plugin
 from ryzen_plugin_onnx_export.export import export_onnx, quantize_int8, read_manifest
 from ryzen_plugin_onnx_export.parity import ParityError, check_parity, parity_token_ids, reference_text
 from ryzen_plugin_onnx_export.plugin import OnnxSettings
-from ryzen_plugin_onnx_export.runtime import OrtBackend
+from ryzen_plugin_onnx_export.runtime import FusedOrtBackend, OrtBackend
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,15 @@ def builtin_export(tiny_model, tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fp32_backend(builtin_export) -> OrtBackend:
+def traced_backend(tiny_model, tokenizer, tmp_path_factory) -> OrtBackend:
+    return OrtBackend(export_onnx(tiny_model, tokenizer, tmp_path_factory.mktemp("traced") / "fp32"))
+
+
+@pytest.fixture(scope="module", params=["fused", "traced"])
+def fp32_backend(request, builtin_export):
+    """Both graph layouts must behave the same behind the Backend protocol."""
+    if request.param == "traced":
+        return request.getfixturevalue("traced_backend")
     return builtin_export["result"]["backends"]["onnxruntime-fp32"]
 
 
@@ -101,20 +109,24 @@ def _prompt(tokenizer, batch: int, length: int, offset: int = 0) -> torch.Tensor
 # -- export + parity -----------------------------------------------------------------------
 
 
-def test_on_export_builtin_passes_fp32_and_int8_parity(builtin_export):
+def test_on_export_builtin_passes_fp32_int8_and_int4_parity(builtin_export):
     result, export_dir = builtin_export["result"], builtin_export["export_dir"]
-    assert set(result["exports"]) == {"onnxruntime-fp32", "onnxruntime-int8"}
+    assert set(result["exports"]) == {"onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-int4"}
     assert result["exports"]["onnxruntime-fp32"] == str(export_dir / "onnx-fp32")
     assert result["exports"]["onnxruntime-int8"] == str(export_dir / "onnx-int8")
+    assert result["exports"]["onnxruntime-int4"] == str(export_dir / "onnx-int4")
     fp32, int8 = result["parity"]["onnxruntime-fp32"], result["parity"]["onnxruntime-int8"]
-    assert fp32["passed"] and int8["passed"]
+    int4 = result["parity"]["onnxruntime-int4"]
+    assert fp32["passed"] and int8["passed"] and int4["passed"]
+    assert int4["top1_agreement"] >= 0.75 and int4["max_abs_diff"] <= 0.3 * int4["max_abs_logit"]
     assert fp32["max_abs_diff"] <= 1e-3
     assert fp32["greedy_agreement"] == 1.0 and fp32["greedy_tokens"] > 0
     assert int8["top1_agreement"] >= 0.9
     assert int8["max_abs_diff"] <= 0.1 * int8["max_abs_logit"]
     assert 0.0 <= int8["greedy_agreement"] <= 1.0
-    # int8 weights shrink every MatMul, the tied LM head included.
-    assert result["sizes_bytes"]["onnxruntime-int8"] < result["sizes_bytes"]["onnxruntime-fp32"]
+    # Quantized weights shrink every MatMul, the tied LM head included.
+    sizes = result["sizes_bytes"]
+    assert sizes["onnxruntime-int4"] < sizes["onnxruntime-int8"] < sizes["onnxruntime-fp32"]
     for backend in result["backends"].values():
         assert isinstance(backend, Backend)
     recorded = [(e.event, e.data.get("backend")) for e in builtin_export["events"]]
@@ -128,21 +140,35 @@ def test_export_manifest_describes_the_graph(builtin_export, tiny_model, tokeniz
     fp32_dir = builtin_export["export_dir"] / "onnx-fp32"
     manifest = json.loads((fp32_dir / "export.json").read_text())
     config = tiny_model.config
-    assert manifest["precision"] == "fp32" and manifest["exporter"].startswith("torch.onnx.export(dynamo=True)")
+    assert manifest["precision"] == "fp32" and manifest["graph"] == "fused"
     assert (manifest["layers"], manifest["kv_heads"], manifest["head_dim"]) == (
         config.n_layers, config.n_heads, config.head_dim)
     assert manifest["vocab_size"] == config.vocab_size and manifest["context_length"] == config.context_length
-    assert manifest["eos_token_id"] == tokenizer.eos_id and manifest["opset"] == 18
+    assert manifest["eos_token_id"] == tokenizer.eos_id
     graph = onnx.load(str(fp32_dir / "model.onnx")).graph
     assert [i.name for i in graph.input] == manifest["input_names"]
     assert [o.name for o in graph.output] == manifest["output_names"]
-    past_dims = [d.dim_param or d.dim_value for d in graph.input[1].type.tensor_type.shape.dim]
-    assert past_dims == ["batch", config.n_heads, "past_len", config.head_dim]
+    assert manifest["input_names"][:4] == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
+    past_dims = [d.dim_param or d.dim_value for d in graph.input[3].type.tensor_type.shape.dim]
+    assert past_dims == ["batch", config.n_heads, "past", config.head_dim]
     assert Tokenizer.load(fp32_dir).encode("def f(x):") == tokenizer.encode("def f(x):")
-    int8_manifest = read_manifest(builtin_export["export_dir"] / "onnx-int8")
-    assert int8_manifest["precision"] == "int8"
-    assert int8_manifest["quantization"]["per_channel"] is True
-    assert int8_manifest["quantization"]["reduce_range"] is plugin.resolve_reduce_range("auto")[0]
+    for precision, bits in (("int8", 8), ("int4", 4)):
+        quantized = read_manifest(builtin_export["export_dir"] / f"onnx-{precision}")
+        assert quantized["precision"] == precision and quantized["graph"] == "fused"
+        assert quantized["quantization"]["bits"] == bits and quantized["quantization"]["block_size"] == 32
+        ops = {node.op_type for node in onnx.load(str(builtin_export["export_dir"] / f"onnx-{precision}" / "model.onnx")).graph.node}
+        assert "MatMulNBits" in ops and "MatMul" not in ops
+
+
+def test_traced_export_and_dynamic_int8_still_work(tiny_model, tokenizer, traced_backend, tmp_path):
+    manifest = read_manifest(traced_backend.export_dir)
+    assert manifest["exporter"].startswith("torch.onnx.export(dynamo=True)") and manifest["opset"] == 18
+    assert manifest.get("graph", "traced") == "traced"
+    int8_dir = quantize_int8(traced_backend.export_dir, tmp_path / "int8")
+    quantization = read_manifest(int8_dir)["quantization"]
+    assert quantization["per_channel"] is True and quantization["activation_type"] == "QUInt8 (dynamic)"
+    ids = parity_token_ids(tokenizer, 32, tiny_model.config.vocab_size)
+    assert check_parity(tiny_model, OrtBackend(int8_dir), ids, precision="int8", new_tokens=8)["passed"]
 
 
 @pytest.mark.parametrize("flags, expected", [(["avx2", "avx512f", "avx512_vnni"], False), (["avx2", "avx_vnni"], False),
@@ -154,7 +180,7 @@ def test_int8_weight_range_follows_vnni(monkeypatch, flags, expected):
     assert plugin.resolve_reduce_range(True) == (True, "set in config")
 
 
-def test_hf_llama_saved_and_reloaded_passes_parity(hf_model, tokenizer, tmp_path):
+def test_hf_llama_traced_export_passes_parity(hf_model, tokenizer, tmp_path):
     import onnx
 
     fp32_dir = export_onnx(hf_model, tokenizer, tmp_path / "fp32")
@@ -218,7 +244,8 @@ def test_generation_stops_at_eos_like_torch(tiny_model, fp32_backend, tokenizer)
     assert actual.shape[1] < 5 + 12
 
 
-def test_logits_with_and_without_cache_agree(fp32_backend, tokenizer):
+def test_traced_logits_with_and_without_cache_agree(traced_backend, tokenizer):
+    fp32_backend = traced_backend
     ids = _prompt(tokenizer, batch=2, length=20).numpy()
     full = fp32_backend.logits(torch.from_numpy(ids)).numpy()
     # Prefill 7 tokens, then a 5-token chunk (mask with both past and several queries), then single tokens.
@@ -269,11 +296,11 @@ def test_load_backend_only_claims_our_exports(builtin_export, tmp_path):
     (tmp_path / "export.json").write_text("{not json")
     assert plugin.load_backend(tmp_path) is None
     backend = plugin.load_backend(builtin_export["export_dir"] / "onnx-int8")
-    assert isinstance(backend, OrtBackend) and backend.name == "onnxruntime-int8"
+    assert isinstance(backend, FusedOrtBackend) and backend.name == "onnxruntime-int8"
 
 
 def test_on_export_without_int8_writes_only_fp32(tiny_model, tokenizer, tmp_path):
-    settings = OnnxSettings(int8=False, graph_optimization="basic", threads=1, parity_tokens=16, parity_new_tokens=4)
+    settings = OnnxSettings(int8=False, int4=False, graph_optimization="basic", threads=1, parity_tokens=16, parity_new_tokens=4)
     result = plugin.on_export(model=tiny_model, tokenizer=tokenizer, export_dir=tmp_path, settings=settings,
                               record=lambda event, **data: None)
     assert list(result["exports"]) == ["onnxruntime-fp32"]
@@ -288,6 +315,10 @@ def test_settings_forbid_unknown_keys_and_bad_values():
         OnnxSettings(graph_optimization="max")
     with pytest.raises(ValidationError):
         OnnxSettings(opset=17)
+    with pytest.raises(ValidationError):
+        OnnxSettings(block_size=48)
+    with pytest.raises(ValidationError):
+        OnnxSettings(accuracy_level=5)
 
 
 def _cli() -> click.Group:
