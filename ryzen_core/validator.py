@@ -33,6 +33,7 @@ from .backends import Backend
 from .config import ValidateConfig
 from .measure import (INTERVAL_DEFINITION, VERDICT_RULE, PairedComparison, busy_warning, compare_pairs,  # noqa: F401
                       conditions, format_ratio, load_snapshot, measure_until_narrow, paired_ratios, summarize)
+from .progress import Progress, progress
 
 MIB = 1024 * 1024
 RSS_POLL_S = 0.002
@@ -247,14 +248,18 @@ def _validate_batch(workers: Mapping[str, Any], baseline: str, prompts: torch.Te
         for name in list(names):
             run(name, keep=False)
 
+    bar = Progress(f"validation, batch size {len(prompts)}", max(cfg.repeats, cfg.max_repeats), unit="round")
+
     def one_round() -> None:
         for name in list(names):
             run(name, keep=True)
+        bar.update()
 
     loads = [load_snapshot()]
-    rounds = measure_until_narrow(one_round, lambda: [c for by_metric in _compare(timings, names).values()
-                                                      for c in by_metric.values()],
-                                  cfg.repeats, cfg.max_repeats, cfg.target_half_width)
+    with bar:  # rounds stop early once every interval is narrow enough
+        rounds = measure_until_narrow(one_round, lambda: [c for by_metric in _compare(timings, names).values()
+                                                          for c in by_metric.values()],
+                                      cfg.repeats, cfg.max_repeats, cfg.target_half_width)
     loads.append(load_snapshot())
 
     memory = {}
@@ -338,7 +343,7 @@ def _perplexities(workers: Mapping[str, Any], baseline: str, split: torch.Tensor
     from .workers import WorkerFailed
 
     result = {}
-    for name, worker in workers.items():
+    for name, worker in progress(workers.items(), "validation perplexity", len(workers), unit="backend"):
         if worker.failure is not None:
             _record_failure(failures, name, "start", WorkerFailed(f"backend {name!r}: {worker.failure}"), baseline)
             continue

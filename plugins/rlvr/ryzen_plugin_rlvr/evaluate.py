@@ -72,8 +72,10 @@ def accuracy_vs_n(model: torch.nn.Module, codec: TaskCodec, task: Task, problems
     if adaptive_n:
         runs.append((f"N={adaptive_n} adaptive", SolveConfig(paths=adaptive_n, adaptive=True, round_size=round_size,
                                                             **sampled)))
+    from ryzen_core.progress import progress
+
     rows = []
-    for label, config in runs:
+    for label, config in progress(runs, f"rlvr eval on {len(problems)} problems", unit="decoding"):
         solutions, wall = timed_solve(model, codec, task, problems, config)
         tokens = sum(s.generated_tokens for s in solutions)
         rows.append({"decoding": label, "n": config.paths if config.temperature > 0 else 1,

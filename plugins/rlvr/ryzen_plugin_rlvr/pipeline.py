@@ -7,6 +7,7 @@ Both phases are ordinary trainer runs: metrics.csv, checkpoints, and --resume pe
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,8 @@ import torch
 
 from .sampling import TaskCodec
 from .tasks import Task, get_task
+
+log = logging.getLogger(__name__)
 
 
 # A model sized for the task: one character per token, prompts of about ten characters.
@@ -145,6 +148,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, settings: Any, out_di
         report["warmup_vs_final"] = {"warmup": before, "final": {k: after[k] for k in ("correct", "accuracy", "ci95")},
                                      "delta_points": 100 * (after["accuracy"] - before["accuracy"])}
     if throughput:
+        log.info("rlvr eval: paths/s, batched vs one at a time (%d interleaved rounds)", settings.throughput_repeats)
         report["throughput"] = paths_throughput(model, codec, task, problems[: settings.throughput_prompts],
                                                 n=settings.paths, temperature=settings.temperature,
                                                 top_p=settings.top_p, repeats=settings.throughput_repeats,
