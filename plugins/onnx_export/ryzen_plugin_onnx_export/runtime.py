@@ -128,26 +128,30 @@ class _ExportBackend:
         """Prompt plus new tokens, [B, T + produced]; the same contract as ryzen_core.models.generate:
         rows that hit eos early are padded with eos, and the loop stops once every row has."""
         ids = self._check_ids(input_ids, max_new_tokens)
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-        decode = self._decoder(ids.shape[0], ids.shape[1] + max_new_tokens)
-        produced: list[torch.Tensor] = []
-        step_input = ids
+        batch = ids.shape[0]
+        finished = np.zeros(batch, dtype=bool)
+        decode = self._decoder(batch, ids.shape[1] + max_new_tokens)
+        produced = np.empty((batch, max_new_tokens), dtype=np.int64)
+        step_input, steps = ids, 0
         for step in range(max_new_tokens):
             logits = decode(step_input)
-            new_token = sample_next(torch.from_numpy(logits), temperature, top_k, top_p, generator)
+            if temperature == 0.0:  # numpy's argmax, like torch's, takes the first of tied maxima
+                new_token = logits.argmax(axis=-1)
+            else:
+                new_token = sample_next(torch.from_numpy(logits), temperature, top_k, top_p, generator).numpy()
             if eos_token_id is not None:
-                new_token = new_token.masked_fill(finished, eos_token_id)
+                new_token[finished] = eos_token_id
                 finished |= new_token == eos_token_id
-            produced.append(new_token)
-            step_input = new_token.unsqueeze(1).to(torch.int64).numpy()
+            produced[:, step] = new_token
+            steps = step + 1
+            step_input = produced[:, step:step + 1].copy()
             if on_token is not None:
                 on_token(step)
-            if eos_token_id is not None and bool(finished.all()):
+            if eos_token_id is not None and finished.all():
                 break
         sequence = input_ids.detach().cpu()
-        if produced:
-            sequence = torch.cat([sequence, torch.stack(produced, dim=1).to(sequence.dtype)], dim=1)
-        return sequence.to(input_ids.device)
+        new_tokens = torch.from_numpy(produced[:, :steps]).to(sequence.dtype)
+        return torch.cat([sequence, new_tokens], dim=1).to(input_ids.device)
 
 
 class OrtBackend(_ExportBackend):
@@ -195,25 +199,33 @@ class FusedOrtBackend(_ExportBackend):
 
         binding = self.session.io_binding()
         shape = (batch, self.kv_heads, capacity, self.head_dim)
-        # Kept alive by this closure: the binding holds raw pointers into these arrays.
+        # Kept alive by the closure: the binding holds raw pointers into these arrays.
         buffers = [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.layers)]
         for past_name, present_name, buffer in zip(self.input_names[3:], self.output_names[1:], buffers):
             value = ort.OrtValue.ortvalue_from_numpy(buffer)
             binding.bind_ortvalue_input(past_name, value)
             binding.bind_ortvalue_output(present_name, value)
+        # Every mask is all ones, so any [batch * total] prefix of one array is a contiguous
+        # [batch, total] mask; positions[p] is the [batch] column of position p.
+        ones = np.ones(batch * capacity, dtype=np.int64)
+        positions = np.ascontiguousarray(np.broadcast_to(np.arange(capacity, dtype=np.int64)[:, None], (capacity, batch)))
         past_len = 0
         logits = np.empty(0, dtype=np.float32)
 
         def decode(step_ids: np.ndarray) -> np.ndarray:
             nonlocal past_len, logits
+            new_len = step_ids.shape[1]
             if logits.shape[:2] != step_ids.shape:  # prefill, then once for the first decode step
                 logits = np.empty((*step_ids.shape, self.vocab_size), dtype=np.float32)
                 binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
-            feeds = self._feeds(step_ids, past_len)  # alive until the run is done
-            for name, array in feeds.items():
-                binding.bind_cpu_input(name, array)
+            total = past_len + new_len
+            position_ids = (positions[past_len:total].T.copy() if new_len > 1
+                            else positions[past_len].reshape(batch, 1))
+            binding.bind_cpu_input("input_ids", step_ids)
+            binding.bind_cpu_input("attention_mask", ones[:batch * total].reshape(batch, total))
+            binding.bind_cpu_input("position_ids", position_ids)
             self.session.run_with_iobinding(binding)
-            past_len += step_ids.shape[1]
+            past_len = total
             return logits[:, -1, :]
         decode.buffers = buffers  # noqa: B010 - ownership, see above
         return decode
