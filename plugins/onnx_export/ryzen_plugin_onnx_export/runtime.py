@@ -23,8 +23,10 @@ from ryzen_core.models.generate import sample_next
 from .export import MODEL_FILE, ExportError, read_manifest
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-# Set by the core's validator in a worker process that runs one backend alone.
+# Set by the core's validator in a worker process that runs one backend alone, and the
+# thread count it pins every backend of the validation to.
 ISOLATED_ENV = "RYZEN_BACKEND_ISOLATED"
+THREADS_ENV = "RYZEN_BACKEND_THREADS"
 
 Decoder = Callable[[np.ndarray], np.ndarray]  # token ids [B, T] -> last-position logits [B, V]
 
@@ -40,7 +42,8 @@ def session_options(threads: int | None = None, graph_optimization: str = "all",
                     allow_spinning: bool | None = None):
     """onnxruntime SessionOptions from the plugin's settings.
 
-    threads=None lets onnxruntime use one intra-op thread per physical core. Sequential
+    threads=None takes the validator's pinned count (THREADS_ENV) where it is set, else lets
+    onnxruntime use one intra-op thread per physical core. Sequential
     execution with one inter-op thread suits a decoder: its graph is a chain, so parallel
     branches buy nothing and would compete with the intra-op pool. allow_spinning=None
     follows `spinning_default()`.
@@ -56,6 +59,8 @@ def session_options(threads: int | None = None, graph_optimization: str = "all",
     if graph_optimization not in levels:
         raise ValueError(f"graph_optimization must be one of {GRAPH_OPTIMIZATION_LEVELS}, got {graph_optimization!r}")
     spinning = spinning_default() if allow_spinning is None else allow_spinning
+    if threads is None and os.environ.get(THREADS_ENV, "").isdigit():
+        threads = int(os.environ[THREADS_ENV])
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[graph_optimization]
     options.intra_op_num_threads = threads or 0

@@ -131,7 +131,8 @@ def test_onnxruntime_genai_runs_the_export(kind, exports):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.onnxruntime") is None,
-                    reason="optimum[onnxruntime] is not installed")
+                    reason="optimum[onnxruntime] is not installed (optimum-onnx 0.1 pins transformers<4.58, "
+                           "which ryzen-core's transformers>=5 excludes)")
 def test_optimum_loads_the_export(llama, exports):
     from optimum.onnxruntime import ORTModelForCausalLM
 
