@@ -1,4 +1,5 @@
-"""Ryzen ONNX plugin: export with KV cache, parity gate, and generation in onnxruntime.
+"""Ryzen ONNX plugin: a fused export with an in-place KV cache, weight-only int8/int4, parity gate,
+and generation in onnxruntime.
 
 The public names below are imported lazily: the package is imported whenever the `ryzen`
 command starts (entry point), and torch/onnx must not load unless they are used.
@@ -12,6 +13,12 @@ _EXPORTS = {
     "read_manifest": ".export",
     "ExportError": ".export",
     "OrtBackend": ".runtime",
+    "FusedOrtBackend": ".runtime",
+    "load_export": ".runtime",
+    "export_fused": ".fused_export",
+    "quantize_weights": ".fused_export",
+    "build_graph": ".graph_builder",
+    "UnsupportedModel": ".graph_builder",
     "check_parity": ".parity",
     "measure_parity": ".parity",
     "parity_token_ids": ".parity",
