@@ -41,6 +41,7 @@ class TorchBackend:
 
     def __init__(self, model: torch.nn.Module, name: str = "torch", generate_fn: GenerateFn | None = None):
         self.model, self.name = model, name
+        self.wraps_generation = generate_fn is not None
         self._generate = generate_fn or self.plain_generate
         self._logits = getattr(generate_fn, "logits", None)
 
@@ -56,6 +57,18 @@ class TorchBackend:
 
     def generate(self, input_ids, max_new_tokens, **sampling):
         return self._generate(input_ids, max_new_tokens, **sampling)
+
+
+def torch_backend(model: torch.nn.Module, name: str, host=None, plugins=(), tokenizer=None,
+                  config=None) -> TorchBackend:
+    """A variant's torch backend: the plain KV-cache loop, or what its plugins' `on_infer` fold made of it."""
+    backend = TorchBackend(model, name)
+    if host is None or not plugins:
+        return backend
+    plain = backend.plain_generate
+    generate_fn = host.fold("on_infer", host.active(plugins), "generate", plain, model=model, tokenizer=tokenizer,
+                            config=config)
+    return backend if generate_fn is plain else TorchBackend(model, name, generate_fn)
 
 
 class HFGenerateBackend:

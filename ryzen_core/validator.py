@@ -374,6 +374,8 @@ def validate(backends: Mapping[str, Any], baseline: str, prompts_source: torch.T
     or in `reference_backends` (generated once per batch size, untimed); agreement with the
     baseline is reported beside it.
     """
+    from .workers import pinned_threads  # workers imports this module
+
     if baseline not in backends:
         raise ValueError(f"baseline {baseline!r} is not among the backends {sorted(backends)}")
     rows_needed, columns = max(cfg.batch_sizes), prompts_source.shape[1]
@@ -381,7 +383,7 @@ def validate(backends: Mapping[str, Any], baseline: str, prompts_source: torch.T
         raise ValueError(f"prompts need {rows_needed} rows of {cfg.prompt_len} tokens; the prompt source has "
                          f"{len(prompts_source)} rows of {columns}")
     fidelity_reference = dict(fidelity_reference or {})
-    threads = cfg.threads or torch.get_num_threads()
+    threads = pinned_threads(cfg)
     failures: dict[str, dict[str, str]] = {}
     workers = _start({name: backends[name] for name in [baseline, *(n for n in backends if n != baseline)]},
                      cfg, threads)

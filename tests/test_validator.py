@@ -278,3 +278,38 @@ def test_validate_rejects_unknown_baseline_and_short_prompt_source():
         validate(backends, "onnx", packed_rows(8), cfg, packed_rows(4))
     with pytest.raises(ValueError, match="rows"):
         validate(backends, "torch", packed_rows(2), cfg, packed_rows(4))
+
+
+def test_export_fidelity_is_measured_against_the_variants_own_model_and_agreement_against_the_baseline():
+    # A variant trained differently (other weights) and an "export" of it that decodes exactly as it does
+    # (the no-cache loop); its own torch fp32 model is an untimed reference.
+    baseline, variant = tiny_model(0), tiny_model(1)
+    export = TorchBackend(variant, name="export-of-variant",
+                          generate_fn=lambda ids, n, **kw: generate_no_cache(variant, ids, n, **kw))
+    cfg = ValidateConfig(prompt_len=8, new_tokens=6, batch_sizes=[2], warmup=0, repeats=2, max_repeats=2,
+                         perplexity_batches=1, isolation="inline")
+    report = validate({"torch": TorchBackend(baseline), "export-of-variant": export}, "torch", packed_rows(4), cfg,
+                      packed_rows(4), fidelity_reference={"export-of-variant": "variant-fp32"},
+                      reference_backends={"variant-fp32": TorchBackend(variant, name="variant-fp32")})
+
+    result = report["batches"][0]["backends"]["export-of-variant"]
+    assert result["export_fidelity"]["reference"] == "variant-fp32"
+    assert result["export_fidelity"]["token_agreement"] == 1.0 and result["export_fidelity"]["sequence_agreement"] == 1.0
+    assert result["agreement_with_baseline"]["reference"] == "torch"
+    assert result["agreement_with_baseline"]["token_agreement"] < 1.0
+    assert report["backends"] == ["torch", "export-of-variant"]  # the reference is not timed
+    row = next(line for line in validation_markdown(report).splitlines() if line.startswith("| export-of-variant |"))
+    assert "100.0% / 100.0% vs variant-fp32" in row
+    header = next(line for line in validation_markdown(report).splitlines() if line.startswith("| backend |"))
+    assert "export fidelity" in header and "agreement with baseline" in header
+
+
+def test_process_peak_rss_is_the_kernels_high_water_mark_and_can_start_again():
+    if not validator.reset_process_peak_rss():
+        pytest.skip("this system cannot reset the peak resident set (/proc/self/clear_refs)")
+    block = np.ones(150 * 1024 * 1024 // 8)  # every page written, so it is resident
+    peak_with_block = validator.process_peak_rss_mib()
+    del block
+    assert peak_with_block >= validator.current_rss_mib() + 100  # freed, but the mark remembers it
+    assert validator.reset_process_peak_rss()
+    assert validator.process_peak_rss_mib() < peak_with_block - 100
