@@ -8,7 +8,8 @@ weights' values), exports it, then runs torch and each onnxruntime export interl
 Decode tokens/s counts the tokens after the first (the first comes from the prefill):
 (new_tokens - 1) / (time of last token - time of first token). Each round gives one
 ratio per backend against the torch run of the same round; the table reports the median
-of those ratios with their min-max. Runs are separated by a short pause: torch's OpenMP
+of those ratios with its 95% bootstrap interval and the verdict of `ryzen_core.measure`
+(faster/slower only when the interval excludes 1). Runs are separated by a short pause: torch's OpenMP
 workers and onnxruntime's workers both spin for a moment after their work ends, and on
 2 cores that spin would be charged to whichever backend runs next.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ryzen_core.measure import compare_pairs, format_ratio
 from ryzen_core.report import cpu_description
 
 
@@ -104,16 +106,16 @@ def main() -> None:
           f"(+1 warm-up), {args.pause}s pause between runs")
     print(f"other processes used {other_cores:.2f} cores on average during the rounds")
     print()
-    print("| backend | decode tok/s (median) | min-max tok/s | speed vs torch (median of per-round ratios) "
-          "| ratio min-max | file size |")
+    print("| backend | decode tok/s (median) | min-max tok/s | speed vs torch (median ratio [95% interval]) "
+          "| verdict | file size |")
     print("|---|---|---|---|---|---|")
     summary = {}
     for name, values in speeds.items():
-        ratios = [value / base for value, base in zip(values, speeds["torch"])]
-        summary[name] = {"tokens_per_s": values, "ratios_vs_torch": ratios}
+        vs_torch = compare_pairs(speeds["torch"], values, higher_is_better=True)
+        summary[name] = {"tokens_per_s": values, "vs_torch": vs_torch.to_dict()}
         size = f"{sizes[name] / 1e6:.2f} MB" if name in sizes else "-"
         print(f"| {name} | {statistics.median(values):.0f} | {min(values):.0f}-{max(values):.0f} | "
-              f"{statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} | {size} |")
+              f"{format_ratio(vs_torch)} | {vs_torch.verdict} | {size} |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_description()["model"],
                                          "other_processes_cores": other_cores,

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ryzen_core.measure import format_ratio
+
 from .multipath import SolveConfig, solve
 from .sampling import TaskCodec, generate_paths, path_seed
 from .tasks import Problem, Task
@@ -177,7 +179,7 @@ def throughput_line(t: dict[str, Any]) -> str:
     return (f"Paths/s at N={t['paths']} ({t['prompts']} prompts, T={t['temperature']}): one batch per prompt "
             f"{t['batched_paths_per_s']:.0f} vs one path at a time {t['one_by_one_paths_per_s']:.0f}; "
             f"median of {t['n']} interleaved pairwise ratios "
-            f"**{t['median_ratio']:.2f}x** (IQR {t['p25']:.2f}-{t['p75']:.2f}, {t['verdict']}); "
+            f"**{format_ratio(t)}** (95% interval, {t['verdict']}); "
             f"same paths both ways: {'yes' if t['identical_paths'] else 'NO'}.")
 
 

@@ -167,7 +167,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, settings: Any, out_di
     if "throughput" in report:
         t = report["throughput"]
         record("paths_per_s", paths=t["paths"], batched=t["batched_paths_per_s"], one_by_one=t["one_by_one_paths_per_s"],
-               median_ratio=t["median_ratio"], p25=t["p25"], p75=t["p75"], identical=t["identical_paths"])
+               median_ratio=t["median_ratio"], ci_low=t["ci_low"], ci_high=t["ci_high"], verdict=t["verdict"],
+               identical=t["identical_paths"])
     if "warmup_vs_final" in report:
         record("warmup_vs_final", **{k: v for k, v in report["warmup_vs_final"].items() if k == "delta_points"},
                warmup=report["warmup_vs_final"]["warmup"]["accuracy"],

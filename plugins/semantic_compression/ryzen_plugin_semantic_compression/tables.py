@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ryzen_core.measure import format_ratio
 from ryzen_core.report import markdown_table
 
 MIB = 1024 * 1024
@@ -66,10 +67,10 @@ def sparsity_table(by_model: Mapping[str, Mapping[float, float]], reference: str
 
 
 def decode_table(comparisons: Mapping[str, Mapping[str, Any]]) -> str:
-    rows = [[name, f"{c['tokens_per_s_a']:.1f}", f"{c['tokens_per_s_b']:.1f}", f"{c['median_ratio']:.3f}",
-             f"[{c['p25']:.3f}, {c['p75']:.3f}]", c["n"], c["verdict"]] for name, c in comparisons.items()]
-    return markdown_table(["batch-1 decode, B vs A", "A tok/s (median)", "B tok/s (median)", "median ratio B/A",
-                           "[p25, p75]", "pairs", "verdict"], rows)
+    rows = [[name, f"{c['tokens_per_s_a']:.1f}", f"{c['tokens_per_s_b']:.1f}", format_ratio(c, 3), c["n"],
+             c["verdict"]] for name, c in comparisons.items()]
+    return markdown_table(["batch-1 decode, B vs A", "A tok/s (median)", "B tok/s (median)",
+                           "median ratio B/A [95% interval]", "pairs", "verdict"], rows)
 
 
 def memory_table(by_model: Mapping[str, Mapping[str, Any]]) -> str:
@@ -82,10 +83,10 @@ def memory_table(by_model: Mapping[str, Mapping[str, Any]]) -> str:
                 continue
             cmp = r["vs_off"]
             rows.append([name, level, f"{r['peak_bytes'] / MIB:.1f}", f"{r['step_peak_bytes'] / MIB:.1f}",
-                         _pct(r["reduction"]), f"{cmp['median_ratio']:.3f} [{cmp['p25']:.3f}, {cmp['p75']:.3f}]",
+                         _pct(r["reduction"]), format_ratio(cmp, 3),
                          f"{m['gradient_cosine'][level]:.5f}"])
     return markdown_table(["model, batch", "saved activations", "peak MiB (weights + AdamW + step)",
-                           "of which allocated in the step", "peak reduction", "ratio off/level [p25, p75]",
+                           "of which allocated in the step", "peak reduction", "ratio off/level [95% interval]",
                            "gradient cosine vs exact"], rows)
 
 

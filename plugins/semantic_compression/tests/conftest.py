@@ -62,7 +62,7 @@ def ryzen(tmp_path_factory):
     """Run `ryzen ARGS` in a subprocess with a private data cache; returns CompletedProcess."""
     cache = tmp_path_factory.mktemp("ryzen-cache")
 
-    def run(*args: str, timeout: float = 240):
+    def run(*args: str, timeout: float = 1800):  # generous: a loaded machine is slow, not broken
         env = dict(os.environ, RYZEN_CACHE_DIR=str(cache), CI="1", HF_HUB_OFFLINE="1")
         return subprocess.run([sys.executable, "-m", "ryzen_core.cli", *args], capture_output=True, text=True,
                               env=env, timeout=timeout)
