@@ -100,3 +100,87 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- report.md sections
+
+
+def fixed(value: Any, decimals: int, signed: bool = False) -> str:
+    """A number with a fixed number of decimals (thousands separated), '-' for a missing one."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:{'+' if signed else ''},.{decimals}f}"
+
+
+def training_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per variant: budget, speed, losses (4 decimals), perplexities (2), memory."""
+    rows = [[label, fixed(s["steps"], 0), fixed(s["tokens"], 0), fixed(s["median_tokens_per_s"], 0),
+             fixed(s["final_val_loss"], 4), fixed(s["test_perplexity"], 2), fixed(s["unigram_perplexity"], 2),
+             fixed(s["peak_rss_mb"], 0), f"same as {s['shared_with']}" if s.get("shared_with") else s["stopped_because"]]
+            for label, s in summaries.items()]
+    return markdown_table(["run", "steps", "tokens", "median tokens/s", "val loss", "test ppl", "unigram ppl",
+                           "peak RSS MiB", "stopped because"], rows)
+
+
+def quality_table(summaries: Mapping[str, Mapping[str, Any]], baseline: str = "baseline") -> str | None:
+    """Each variant's validation loss and test perplexity against the baseline's, with the differences;
+    None when there is nothing to compare."""
+    base = summaries.get(baseline)
+    others = {label: s for label, s in summaries.items() if label != baseline}
+    if base is None or not others:
+        return None
+
+    def delta(value, reference, decimals):
+        if value is None or reference is None:
+            return "-"
+        relative = f" ({(value - reference) / reference:+.2%})" if reference else ""
+        return fixed(value - reference, decimals, signed=True) + relative
+
+    rows = [[label, fixed(s["final_val_loss"], 4), delta(s["final_val_loss"], base["final_val_loss"], 4),
+             fixed(s["test_perplexity"], 2), delta(s["test_perplexity"], base["test_perplexity"], 2)]
+            for label, s in others.items()]
+    rows.insert(0, [baseline, fixed(base["final_val_loss"], 4), "-", fixed(base["test_perplexity"], 2), "-"])
+    return markdown_table(["run", "val loss", f"vs {baseline}", "test ppl", f"vs {baseline}"], rows)
+
+
+MAX_FIELDS_PER_EVENT = 6
+MAX_EVENTS_PER_KIND = 5
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return f"[{len(value)} items]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(list(map(str, value))[:4]) + (", ..." if len(value) > 4 else "") + "}"
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def events_markdown(events: list[Mapping[str, Any]]) -> str | None:
+    """What each plugin recorded, grouped by plugin: each event with its first fields, at most
+    MAX_EVENTS_PER_KIND of a kind (all are in optimization_analysis.json). None when nothing was recorded."""
+    by_plugin: dict[str, list[Mapping[str, Any]]] = {}
+    for event in events:
+        by_plugin.setdefault(event["plugin"], []).append(event)
+    if not by_plugin:
+        return None
+    lines = []
+    for plugin, recorded in by_plugin.items():
+        lines += [f"**{plugin}** ({len(recorded)} events)", ""]
+        seen: dict[str, int] = {}
+        for event in recorded:
+            seen[event["event"]] = seen.get(event["event"], 0) + 1
+            if seen[event["event"]] > MAX_EVENTS_PER_KIND:
+                continue
+            data = event.get("data") or {}
+            fields = ", ".join(f"{k}={_brief(v)}" for k, v in list(data.items())[:MAX_FIELDS_PER_EVENT])
+            more = f", +{len(data) - MAX_FIELDS_PER_EVENT} fields" if len(data) > MAX_FIELDS_PER_EVENT else ""
+            lines.append(f"- `{event['event']}` in {event['hook']}" + (f": {fields}{more}" if fields else ""))
+        lines += [f"- `{kind}`: {count - MAX_EVENTS_PER_KIND} more" for kind, count in seen.items()
+                  if count > MAX_EVENTS_PER_KIND]
+        lines.append("")
+    return "\n".join(lines).rstrip()

@@ -12,7 +12,7 @@ from .checkpoint import atomic_write_text
 from .config import RunConfig, check_model_fits_data, load_config, resolve_plugin_settings
 from .errors import writing
 from .plugins import PluginHost
-from .report import environment, markdown_table, plot_loss_curves, write_json
+from .report import environment, plot_loss_curves, write_json
 from .rundir import claim_run_directory, run_directory  # noqa: F401  (run_directory: plugins use it from here)
 
 log = logging.getLogger(__name__)
@@ -326,11 +326,9 @@ def _validate_plan(plan, host: PluginHost, config: RunConfig, data) -> dict[str,
 
 def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginHost, env: dict,
                     validation: dict[str, Any] | None = None, sections: Sequence[tuple[str, str, str]] = ()) -> str:
+    from .report import events_markdown, quality_table, training_table
     from .validator import validation_markdown
 
-    rows = [[label, s["steps"], s["tokens"], s["median_tokens_per_s"], s["final_val_loss"], s["test_perplexity"],
-             s["unigram_perplexity"], s["peak_rss_mb"], s.get("shared_with") and f"same as {s['shared_with']}"
-             or s["stopped_because"]] for label, s in summaries.items()]
     lines = [
         f"# Ryzen run: plugins {', '.join(config.plugins) or 'none'}",
         "",
@@ -341,10 +339,12 @@ def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginH
     if host.disabled:
         lines += ["## Plugins disabled during the run", ""]
         lines += [f"- **{name}**: {reason}" for name, reason in host.disabled.items()] + [""]
-    lines += ["## Training", "",
-              markdown_table(["run", "steps", "tokens", "median tokens/s", "val loss", "test ppl", "unigram ppl",
-                              "peak RSS MiB", "stopped because"], rows),
-              "", "![loss curves](loss_curves.png)", ""]
+    lines += ["## Training", "", training_table(summaries), "", "![loss curves](loss_curves.png)", ""]
+    quality = quality_table(summaries)
+    if quality:
+        lines += ["## Quality against the baseline", "",
+                  "Final validation loss (nats/token) and test perplexity, each variant minus the baseline; one "
+                  "evaluation per model, so no interval.", "", quality, ""]
     if validation is not None:
         lines += [validation_markdown(validation), "",
                   "![inference](inference_validation.png)", ""]
@@ -352,6 +352,10 @@ def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginH
         # Plugins write paths relative to their variant's directory; report.md sits one level up.
         markdown = re.sub(r"(!\[[^\]]*\]\()(?![a-z]+:|/)", rf"\1{variant}/", markdown)
         lines += [f"## {plugin} ({variant})", "", markdown.strip(), ""]
+    events = events_markdown([e.__dict__ for e in host.events])
+    if events:
+        lines += ["## What each plugin recorded", "", "Every event is in `optimization_analysis.json`.", "",
+                  events, ""]
     return "\n".join(lines)
 
 

@@ -539,7 +539,7 @@ def plot_validation(report: Mapping[str, Any], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     candidates, batches = report["backends"][1:], report["batches"]
     x = np.arange(len(batches))
@@ -553,9 +553,10 @@ def plot_validation(report: Mapping[str, Any], path: str | Path) -> None:
             ax.errorbar(x + (i - (len(candidates) - 1) / 2) * width, median, yerr=bars, fmt="os^vDP"[i % 6],
                         capsize=4, color=f"C{i + 1}", label=name)
         ax.axhline(1.0, color="k", lw=1, ls="--", label=f"{report['baseline']} (baseline)")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.set_yscale("log")  # ratios: 2x and 0.5x sit equally far from 1
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(x, [f"batch {b['batch_size']}" for b in batches])
         ax.set_title(f"{METRIC_LABELS[metric]}: ratio to {report['baseline']} (> 1 is better)")
         ax.grid(axis="y", which="both", alpha=0.3)
