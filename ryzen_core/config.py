@@ -8,27 +8,47 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 
+# Bounds far above anything trained on a CPU, low enough that a typo fails here, in one line,
+# instead of as an overflow, a segfault or an allocation that never ends.
+MAX_WIDTH = 1 << 16          # d_model, d_ff, heads, layers
+MAX_CONTEXT = 1 << 20        # tokens of context / sequence length
+MAX_COUNT = 10 ** 12         # steps, tokens, evaluations, batches
+MAX_SEED = 2 ** 63 - 1       # what torch.manual_seed and the samplers accept
+THREADS_PER_CPU = 4          # threads may oversubscribe the machine's CPUs, by this much at most
+
+
+def _threads_this_machine_allows(threads: int | None) -> int | None:
+    cap = THREADS_PER_CPU * (os.cpu_count() or 1)
+    if threads is not None and threads > cap:
+        raise ValueError(f"{threads} is more than {THREADS_PER_CPU} x the {os.cpu_count() or 1} CPUs of this "
+                         f"machine ({cap})")
+    return threads
+
+
+Threads = Annotated[int | None, Field(gt=0), AfterValidator(_threads_this_machine_allows)]
+Count = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
     source: Literal["builtin", "hf"] = "builtin"
     preset: Literal["tiny", "simple", "scaled"] = "simple"
     # Optional overrides of the preset's sizes (built-in model only).
-    d_model: int | None = Field(None, gt=0)
-    n_heads: int | None = Field(None, gt=0)
-    n_layers: int | None = Field(None, gt=0)
-    d_ff: int | None = Field(None, gt=0)
-    context_length: int | None = Field(None, gt=0)
+    d_model: int | None = Field(None, gt=0, le=MAX_WIDTH)
+    n_heads: int | None = Field(None, gt=0, le=MAX_WIDTH)
+    n_layers: int | None = Field(None, gt=0, le=MAX_WIDTH)
+    d_ff: int | None = Field(None, gt=0, le=MAX_WIDTH)
+    context_length: int | None = Field(None, ge=2, le=MAX_CONTEXT)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tie_embeddings: bool = True
     hf_path: Path | None = None
@@ -58,9 +78,9 @@ class DataConfig(Section):
     source: str = "stdlib"
     """'stdlib' (the running Python's standard library source), a text file, a directory, or a .jsonl file."""
     text_field: str = "text"
-    max_documents: int | None = Field(None, gt=0)
+    max_documents: Count | None = None
     vocab_size: int = Field(2048, ge=300, le=65536)
-    seq_len: int = Field(128, gt=1)
+    seq_len: int = Field(128, gt=1, le=MAX_CONTEXT)
     cache_dir: Path = Field(default_factory=default_cache_dir)
 
     @model_validator(mode="after")
@@ -71,29 +91,29 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    seed: int = 0
-    batch_size: int = Field(16, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    batch_size: int = Field(16, gt=0, le=MAX_CONTEXT)
+    grad_accum: int = Field(1, gt=0, le=MAX_CONTEXT)
     lr: float = Field(2e-3, gt=0.0, le=1.0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    warmup_steps: int = Field(30, ge=0)
+    warmup_steps: int = Field(30, ge=0, le=MAX_COUNT)
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
-    max_steps: int | None = Field(300, gt=0)
-    max_tokens: int | None = Field(None, gt=0)
-    max_seconds: float | None = Field(None, gt=0)
-    eval_every: int = Field(100, gt=0)
-    eval_batches: int = Field(16, gt=0)
+    max_steps: Count | None = 300
+    max_tokens: int | None = Field(None, gt=0, le=MAX_COUNT * MAX_CONTEXT)
+    max_seconds: float | None = Field(None, gt=0, le=MAX_COUNT)
+    eval_every: Count = 100
+    eval_batches: Count = 16
     early_stop_patience: int = Field(0, ge=0)
     """Evaluations without improvement before stopping; 0 turns early stopping off."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """'auto' uses bf16 autocast where the CPU has native bf16."""
     max_bad_steps: int = Field(5, gt=0)
     """Consecutive steps with NaN/inf loss or gradients before the run stops."""
-    checkpoint_every: int = Field(100, gt=0)
-    threads: int | None = Field(None, gt=0)
+    checkpoint_every: Count = 100
+    threads: Threads = None
 
     @model_validator(mode="after")
     def _has_budget(self):
@@ -116,7 +136,7 @@ class ValidateConfig(Section):
     isolation: Literal["process", "inline"] = "process"
     """'process': each backend built and run alone in a worker process, so its memory is its own and no
     engine's threads slow another's; 'inline': every backend in this process (faster to start, for tests)."""
-    threads: int | None = Field(None, gt=0)
+    threads: Threads = None
     """Intra-op threads pinned in every worker (torch and, through RYZEN_BACKEND_THREADS, plugin engines);
     default: this process's torch thread count."""
     worker_timeout_s: float = Field(900.0, gt=0)
@@ -165,15 +185,66 @@ class RunConfig(BaseModel):
 CORE_SECTIONS = {"model", "data", "train", "validate", "output", "plugins"}
 
 
+MAX_CONFIG_BYTES = 1 << 20
+# Nodes of a YAML document counted as if every alias were copied out: a config has a few hundred;
+# an alias bomb ("billion laughs") has billions and would take minutes and gigabytes to print.
+MAX_YAML_NODES = 100_000
+
+
+def cut(text: str, limit: int = 60) -> str:
+    """Text the user gave, cut short: error messages echo it, whatever its size."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _expanded_nodes(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError("config error: a YAML alias refers to itself")
+    open_nodes.add(id(node))
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1 + sum(_expanded_nodes(child, sizes, open_nodes) for child in children)
+    if total > MAX_YAML_NODES:
+        raise ConfigError(f"config error: YAML aliases expand to more than {MAX_YAML_NODES:,} values")
+    open_nodes.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def safe_yaml(text: str) -> Any:
+    """yaml.safe_load with alias expansion bounded (each alias counted as the nodes it stands for)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes; a config is at most "
+                          f"{MAX_CONFIG_BYTES:,}")
+    raw = path.read_bytes()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                          f"{str(exc).splitlines()[0]}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        bom = " (it starts with a UTF-16 byte-order mark; save it as UTF-8)" if utf16 else ""
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}){bom}") from None
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        data = json.loads(text) if kind == "JSON" else safe_yaml(text)
+    except (ValueError, yaml.YAMLError) as exc:  # ValueError: bad JSON, or an integer of over 4,300 digits
+        raise ConfigError(f"config file {path} is not valid {kind}: {cut(str(exc).splitlines()[0], 200)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests values too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -185,17 +256,17 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `section.key=value` override; the value is parsed as YAML (numbers, booleans, lists)."""
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set expects section.key=value, got '{assignment}'")
+        raise ConfigError(f"--set expects section.key=value, got {cut(repr(assignment))}")
     parts = key.strip().split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = safe_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, RecursionError, ValueError):  # ValueError: an integer of over 4,300 digits
         value = raw
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: '{part}' is not a section")
+            raise ConfigError(f"--set {cut(key)}: {cut(repr(part))} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -203,11 +274,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 def _format_errors(exc: ValidationError, prefix: str = "") -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        loc = cut(".".join(str(p) for p in err["loc"] if p != "__root__"))
         loc = f"{prefix}{loc}" if loc else prefix.rstrip(".")
         msg = err["msg"].removeprefix("Value error, ")
         got = err.get("input")
-        detail = f" (got {got!r})" if err["type"] not in ("missing", "value_error", "extra_forbidden") and not isinstance(got, dict) else ""
+        detail = f" (got {cut(repr(got))})" if err["type"] not in ("missing", "value_error", "extra_forbidden") and not isinstance(got, dict) else ""
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         parts.append(f"{loc}: {msg}{detail}" if loc else f"{msg}{detail}")

@@ -13,6 +13,8 @@ import json
 import logging
 import math
 import os
+import re
+import stat
 import sysconfig
 import tempfile
 import time
@@ -40,6 +42,13 @@ MIN_VOCAB_SIZE = 257
 # Documents are encoded in chunks of about this many characters so the intermediate
 # Python lists stay small while encode_batch still has work to spread over threads.
 ENCODE_CHUNK_CHARS = 2_000_000
+# A corpus file is read whole into memory; above this it is refused with a message, not a MemoryError.
+MAX_FILE_BYTES = 1 << 30
+# A single text file, or a corpus of fewer than MIN_DOCUMENTS documents, is cut into documents of
+# consecutive blank-line paragraphs up to this many characters (a longer paragraph is cut at it).
+TEXT_DOCUMENT_CHARS = 4096
+MIN_DOCUMENTS = 3  # one each for train, validation and test
+PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
 class DataError(RyzenError, ValueError):
@@ -98,10 +107,12 @@ def load_documents(
             raise DataError(f"data source {path} does not exist")
         if path.is_dir():
             documents = _take(_directory_documents(path), max_documents)
-        elif path.suffix.lower() == ".jsonl":
-            documents = _take(_jsonl_documents(path, text_field), max_documents)
         else:
-            documents = _take(_text_file_documents(path), max_documents)
+            _check_regular_file(path)
+            if path.suffix.lower() == ".jsonl":
+                documents = _take(_jsonl_documents(path, text_field), max_documents)
+            else:
+                documents = _take(_text_file_documents(path), max_documents)
         described = str(path)
     if not documents:
         raise DataError(f"data source {described} contains no non-empty documents")
@@ -131,7 +142,43 @@ def _stdlib_documents() -> Iterator[Document]:
             yield Document(path.relative_to(root).as_posix(), text)
 
 
+def _is_regular_file(path: Path) -> bool:
+    """A regular file reached without a symlink: FIFOs hang, devices never end, links lead elsewhere."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _check_regular_file(path: Path) -> None:
+    try:
+        info = os.stat(path)  # the source the user named may be a link, but to a regular file
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"data source {path} is not a regular file or a directory (a FIFO or a device?)")
+    if info.st_size > MAX_FILE_BYTES:
+        raise DataError(f"{path} is {info.st_size:,} bytes; corpus files are read whole, at most "
+                        f"{MAX_FILE_BYTES:,} bytes each: split it into several files")
+
+
+def paragraph_documents(name: str, text: str, limit: int = TEXT_DOCUMENT_CHARS) -> list[Document]:
+    """`text` cut into documents `name#0`, `name#1`, ... of consecutive blank-line paragraphs, each up
+    to `limit` characters; a paragraph longer than that is cut every `limit` characters."""
+    ends = [m.end() for m in PARAGRAPH_BREAK.finditer(text)] + [len(text)]
+    pieces, start, last = [], 0, 0
+    for end in ends:
+        if end - start > limit and last > start:
+            pieces.append(text[start:last])
+            start = last
+        last = end
+    pieces.append(text[start:])
+    cut = [piece[i: i + limit] for piece in pieces for i in range(0, len(piece), limit)]
+    return [Document(f"{name}#{i}", piece) for i, piece in enumerate(p for p in cut if p.strip())]
+
+
 def _read_text(path: Path) -> str:
+    _check_regular_file(path)
     try:
         with open(path, encoding="utf-8") as handle:
             return handle.read()
@@ -142,20 +189,24 @@ def _read_text(path: Path) -> str:
 
 
 def _text_file_documents(path: Path) -> Iterator[Document]:
-    text = _read_text(path)
-    if text.strip():
-        yield Document(path.name, text)
+    yield from paragraph_documents(path.name, _read_text(path))
 
 
 def _directory_documents(root: Path) -> Iterator[Document]:
     found: list[tuple[str, Path]] = []
+    skipped = 0
     for dirpath, dirnames, filenames in os.walk(root):
         # Hidden directories (.git, .venv, ...) are tooling, not corpus.
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             path = Path(dirpath) / name
             if not name.startswith(".") and path.suffix.lower() in TEXT_SUFFIXES:
-                found.append((path.relative_to(root).as_posix(), path))
+                if _is_regular_file(path):
+                    found.append((path.relative_to(root).as_posix(), path))
+                else:
+                    skipped += 1
+    if skipped:
+        logger.warning("skipped %d entries of %s that are not regular files (symlinks, FIFOs, devices)", skipped, root)
     found.sort(key=lambda item: item[0])
     for relative, path in found:
         text = _read_text(path)
@@ -179,6 +230,8 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path} line {line_number}: invalid JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise DataError(f"{path} line {line_number}: JSON nested too deeply") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{path} line {line_number}: expected a JSON object, "
                                     f"got {type(record).__name__}")
@@ -188,6 +241,11 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
                 if not isinstance(text, str):
                     raise DataError(f"{path} line {line_number}: field {text_field!r} is "
                                     f"{type(text).__name__}, not a string")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise DataError(f"{path} line {line_number}: field {text_field!r} holds a lone surrogate "
+                                    f"(\\u{ord(text[exc.start]):04x}), which is not text") from None
                 if text.strip():
                     yield Document(f"{path.name}:{line_number}", text)
         except UnicodeDecodeError as exc:
@@ -585,6 +643,9 @@ def prepare_data(
     """
     cache_dir = Path(cache_dir)
     documents = load_documents(source, text_field=text_field, max_documents=max_documents)
+    if len(documents) < MIN_DOCUMENTS:  # too few to split by document: split by position within them
+        limit = max(1, min(TEXT_DOCUMENT_CHARS, sum(len(d.text) for d in documents) // MIN_DOCUMENTS))
+        documents = [piece for d in documents for piece in paragraph_documents(d.id, d.text, limit)]
     splits = split_documents(documents)
     if tokenizer_dir is not None:
         tokenizer = Tokenizer.from_hf_dir(tokenizer_dir)

@@ -1,13 +1,17 @@
 """Tests for ryzen_core.data: corpora, splits, tokenizer cache, packing, batch sampling."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_sets
 from ryzen_core import data
 from ryzen_core.data import (
     BatchSampler,
@@ -79,10 +83,16 @@ def test_directory_loads_text_files_recursively_sorted(tmp_path):
     assert [d.text for d in documents] == ["# ay", "bee", "x = 1\n"]
 
 
-def test_single_text_file_is_one_document(tmp_path):
+def test_single_text_file_is_cut_into_documents_of_paragraphs(tmp_path):
     path = tmp_path / "book.txt"
     path.write_text("line one\nline two\n", encoding="utf-8")
-    assert load_documents(path) == [Document("book.txt", "line one\nline two\n")]
+    assert load_documents(path) == [Document("book.txt#0", "line one\nline two\n")]
+    paragraphs = [f"paragraph {i}: " + "word " * 300 for i in range(12)]  # about 1,500 characters each
+    path.write_text("\n\n".join(paragraphs), encoding="utf-8")
+    documents = load_documents(path)
+    assert "".join(d.text for d in documents) == path.read_text()  # nothing lost, nothing added
+    assert len(documents) == 6 and all(len(d.text) <= 4096 for d in documents)
+    assert documents[0].text.startswith("paragraph 0") and documents[1].text.startswith("paragraph 2")
 
 
 def test_jsonl_uses_configured_field_and_skips_blank_lines(tmp_path):
@@ -329,3 +339,34 @@ def test_prepare_data_with_tokenizer_dir_and_too_small_split(tmp_path, small_tok
     assert not (tmp_path / "cache" / "tokenizers").exists()
     with pytest.raises(DataError, match="split .* too small"):
         prepare_data(corpus, 300, 100_000, tmp_path / "cache")
+
+
+def test_directory_reads_regular_files_only(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("alpha", encoding="utf-8")
+    (tmp_path / "outside.txt").write_text("secret", encoding="utf-8")
+    os.mkfifo(corpus / "pipe.txt")  # reading it would block forever
+    (corpus / "zero.txt").symlink_to("/dev/zero")  # reading it would never end
+    (corpus / "link.txt").symlink_to(tmp_path / "outside.txt")  # a path out of the corpus
+    (corpus / "b.md").write_text("beta", encoding="utf-8")
+    assert [d.id for d in load_documents(corpus)] == ["a.txt", "b.md"]
+
+
+def test_two_files_are_split_by_position_within_them(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("one.txt", "two.txt"):
+        (corpus / name).write_text("\n\n".join(" ".join(SAMPLE_TEXTS) for _ in range(40)), encoding="utf-8")
+    prepared = prepare_data(corpus, 300, 16, tmp_path / "cache")
+    assert all(size["rows"] > 0 for size in prepared.split_sizes.values())
+    assert sum(size["documents"] for size in prepared.split_sizes.values()) >= 3
+
+
+def test_the_readme_text_corpus_trains(ryzen, tmp_path):
+    book = tmp_path / "book.txt"  # a plain text file, as README's config section offers
+    book.write_text(Path(argparse.__file__).read_text(encoding="utf-8"), encoding="utf-8")
+    result = ryzen("train", *tiny_sets(f"data.source={book}", "train.max_steps=2"), "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "training_metrics_report.json").read_text())
+    assert all(size["documents"] >= 1 for size in report["data"]["split_sizes"].values())

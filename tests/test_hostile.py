@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 from ryzen_core.checkpoint import load_checkpoint, save_checkpoint, verify
 from ryzen_core.config import load_config
+from ryzen_core.data import MAX_FILE_BYTES, load_documents
 from ryzen_core.errors import RyzenError
 from ryzen_core.rundir import claim_run_directory
 
@@ -86,7 +88,40 @@ def out_dir(tmp_path: Path, where: str) -> None:
     claim_run_directory(load_config(overrides=[f"output.dir={where.replace('{tmp}', str(tmp_path))}"]))
 
 
-RUNNERS = {f.__name__: f for f in (manifest, manifest_without, flipped, state, out_dir)}
+def set_value(tmp_path: Path, assignment: str) -> None:
+    load_config(overrides=[assignment])
+
+
+def config_file(tmp_path: Path, content: bytes | str) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    load_config(path)
+
+
+def jsonl(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "a fine line"}\n' + line + "\n", encoding="utf-8")
+    load_documents(path)
+
+
+def data_source(tmp_path: Path, what: str) -> None:
+    path = tmp_path / "corpus.txt"
+    if what == "fifo":
+        os.mkfifo(path)
+    elif what == "big":
+        with open(path, "wb") as f:
+            f.truncate(MAX_FILE_BYTES + 1)  # sparse: costs no disk
+    else:
+        path.symlink_to(what)
+    load_config(overrides=[f"data.source={path}"])
+    load_documents(path)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")) + "train: {lr: *i}\n"
+
+RUNNERS = {f.__name__: f for f in (manifest, manifest_without, flipped, state, out_dir, set_value, config_file,
+                                   jsonl, data_source)}
 
 CASES = [
     # checkpoints: the manifest must vouch, with size and sha256, for every file the loader reads
@@ -112,6 +147,35 @@ CASES = [
     # --out must be a directory this process can create and write in
     ("out_dir", "{tmp}/a-file", "is not a directory", 2),
     ("out_dir", "/proc/ryzen-cannot-be-here", "cannot create the run directory", 2),
+    # config values: ranges and finiteness, checked before any work
+    ("set_value", "train.threads=100000000", "train.threads: 100000000 is more than 4 x the", 2),
+    ("set_value", "validate.threads=5000", "validate.threads: 5000 is more than 4 x the", 2),
+    ("set_value", "model.d_model=44444444444444", "model.d_model: Input should be less than or equal to 65536", 2),
+    ("set_value", "train.seed=123456789012345678901234567890", "train.seed: Input should be less than or equal", 2),
+    ("set_value", "train.seed=-1", "train.seed: Input should be greater than or equal to 0", 2),
+    ("set_value", "model.context_length=1", "model.context_length: Input should be greater than or equal to 2", 2),
+    ("set_value", "train.weight_decay=.inf", "train.weight_decay: Input should be a finite number", 2),
+    ("set_value", "train.lr=.nan", "train.lr: Input should be a finite number", 2),
+    ("set_value", "train.max_seconds=.inf", "train.max_seconds: Input should be a finite number", 2),
+    ("set_value", f"train.max_steps={10 ** 41}", "train.max_steps: Input should be less than or equal to", 2),
+    ("set_value", "data.seq_len=" + "9" * 5000, "data.seq_len: Unable to parse input string as an integer", 2),
+    ("config_file", "data: {seq_len: " + "9" * 5000 + "}", "is not valid YAML: Exceeds the limit (4300 digits)", 2),
+    ("set_value", "train.lr=" + "x" * 100_000, "(100,002 characters)", 2),
+    ("set_value", "train." + "k" * 100_000 + "=1", "unknown key", 2),
+    ("set_value", "x" * 100_000, "--set expects section.key=value", 2),
+    # config files: size, encoding, alias bombs, nesting
+    ("config_file", BOMB, "YAML aliases expand to more than 100,000 values", 2),
+    ("config_file", "a: &a [*a]\n", "a YAML alias refers to itself", 2),
+    ("config_file", "train: {lr: 0.1}\n".encode("utf-16"), "not UTF-8 text (byte 0) (it starts with a UTF-16", 2),
+    ("config_file", b"train: {lr: \xe9}\n", "is not UTF-8 text (byte 12)", 2),
+    ("config_file", "[" * 100_000, "nests values too deeply", 2),
+    ("config_file", "# " + "x" * (1 << 20) + "\n", "a config is at most 1,048,576", 2),
+    # data: one line per bad record or file, never a hang or a MemoryError
+    ("jsonl", "[" * 100_000 + "]" * 100_000, "line 2: JSON nested too deeply", 2),
+    ("jsonl", '{"text": "half a pair \\ud800 here"}', "line 2: field 'text' holds a lone surrogate (\\ud800)", 2),
+    ("data_source", "fifo", "is not a regular file or a directory", 2),
+    ("data_source", "/dev/zero", "is not a regular file or a directory", 2),
+    ("data_source", "big", "corpus files are read whole, at most 1,073,741,824 bytes", 2),
 ]
 
 
