@@ -170,3 +170,14 @@ def test_busy_machine_is_flagged_by_load_or_variation():
     jumpy = conditions([{"load_1m": 0.1, "usable_cores": 2}], [jumpy_rounds])
     assert jumpy["busy"] and "coefficient of variation" in jumpy["reasons"][0]
     assert jumpy["max_cv"] == pytest.approx(0.4)
+
+
+def test_the_public_names_resolve_from_ryzen_core_and_the_validator():
+    import ryzen_core
+    from ryzen_core import measure, validator
+
+    for name in ("paired_ratios", "compare_pairs", "PairedComparison", "summarize", "format_ratio",
+                 "measure_until_narrow", "median_interval"):
+        assert getattr(ryzen_core, name) is getattr(measure, name)
+    assert validator.compare_pairs is measure.compare_pairs and validator.paired_ratios is measure.paired_ratios
+    assert callable(ryzen_core.read_bandwidth_gbs) and callable(ryzen_core.gemm_rates)

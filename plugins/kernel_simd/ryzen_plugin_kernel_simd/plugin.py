@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ryzen_core import hookimpl
 from ryzen_core.forward import Forward
-from ryzen_core.measure import format_ratio
+from ryzen_core.measure import busy_warning, format_ratio
 
 from .cache import DecisionCache, cache_key, library_versions, model_shape
 from .cpu import CpuFeatures, detect
@@ -351,6 +351,8 @@ def decision_markdown(decision: dict[str, Any], source: str, state: KernelState 
                        "(`kernel.retune=true` measures again)",
               "settings": "taken from settings without measuring"}[source]
     lines = [f"Chosen training path: **{decision['chosen_description']}**, {origin}."]
+    warning = busy_warning(decision.get("conditions"))
+    lines += ["", warning] if warning else []
     rows = []
     for t in decision.get("trials") or []:
         if t.get("error"):

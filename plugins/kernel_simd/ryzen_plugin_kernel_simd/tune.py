@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from ryzen_core.forward import reference_forward
-from ryzen_core.measure import format_ratio, paired_ratios
+from ryzen_core.measure import conditions, format_ratio, load_snapshot, paired_ratios
 from ryzen_core.plugins import describe_error
 from ryzen_core.trainer import build_optimizer
 
@@ -184,7 +184,7 @@ class Tuner:
         return record
 
     def run(self, start: Strategy, trials: list[tuple[str, Any]]) -> dict[str, Any]:
-        began = time.perf_counter()
+        began, loads = time.perf_counter(), [load_snapshot()]
         best, records = start, []
         for knob, value in trials:
             candidate = best.with_knob(knob, value)
@@ -203,6 +203,8 @@ class Tuner:
                 self.log_line(f"kernel tune: keeping {start.describe()}; the tuned combination was {why}")
                 confirmation["fell_back"] = why
                 best = start
+        loads.append(load_snapshot())
+        timed = [r["speedup"] for r in [*records, confirmation or {}] if r.get("speedup")]
         return {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "rounds": self.rounds, "max_rounds": MAX_ROUNDS_FACTOR * self.rounds, "decision_rule": DECISION_RULE,
@@ -212,6 +214,7 @@ class Tuner:
             "reference_loss": {f"after_{steps}_steps": loss for steps, loss in sorted(self._reference_losses.items())},
             "start": start.as_dict(), "trials": records, "chosen": best.as_dict(), "chosen_description": best.describe(),
             "confirmation": confirmation, "tune_seconds": round(time.perf_counter() - began, 2),
+            "conditions": conditions(loads, timed),
         }
 
 

@@ -66,6 +66,9 @@ def test_trials_record_speed_and_soundness_and_the_choice_is_sound(tiny_model, c
     trained = [loss for key, loss in losses.items() if key != "after_0_steps"]  # a warm-up and the timed rounds
     assert trained and all(loss < losses["after_0_steps"] for loss in trained)
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))  # tuning works on copies
+    assert result["conditions"]["usable_cores"] >= 1 and isinstance(result["conditions"]["busy"], bool)
+    assert "machine was busy" in plugin.decision_markdown(dict(result, conditions=dict(
+        result["conditions"], busy=True, reasons=["load average 9.00 above the 2 usable cores"])), "measured")
 
 
 def test_an_unsound_candidate_is_not_kept_however_fast(tiny_model, config, monkeypatch):
