@@ -48,7 +48,7 @@ class CTranslate2Backend:
         import ctranslate2
 
         self.directory = Path(directory)
-        self.name = f"{ENGINE}-{manifest['precision']}"
+        self.name = manifest["name"]
         self.context_length: int | None = manifest.get("context_length")
         self.vocabulary: list[str] = json.loads((self.directory / "vocabulary.json").read_text(encoding="utf-8"))
         # The generator must be destroyed before the interpreter shuts down: left to exit-time teardown,

@@ -59,7 +59,7 @@ class GenaiBackend:
         import onnxruntime_genai as og
 
         self.directory = Path(directory)
-        self.name = f"{ENGINE}-{manifest['precision']}"
+        self.name = manifest["name"]
         self.threads = default_threads(threads)
         config = og.Config(str(self.directory))
         config.clear_providers()  # the CPU provider

@@ -197,7 +197,7 @@ class LlamaCppBackend:
 
     def __init__(self, directory: str | Path, manifest: dict[str, Any], threads: int | None = None):
         self.directory = Path(directory)
-        self.name = f"{ENGINE}-{manifest['precision']}"
+        self.name = manifest["name"]
         self.context_length: int | None = manifest.get("context_length")
         self.threads = default_threads(threads)
         self.model_path = self.directory / manifest.get("file", MODEL_FILE)

@@ -39,7 +39,7 @@ def read_manifest(directory: str | Path | None) -> dict[str, Any] | None:
         raise RuntimeExportError(f"cannot read {path}: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return None
-    for key in ("engine", "precision"):
+    for key in ("engine", "precision", "name"):
         if not isinstance(manifest.get(key), str):
             raise RuntimeExportError(f"{path} has no {key!r}")
     return manifest

@@ -1,8 +1,9 @@
-"""OpenVINO: the onnx plugin's fp32 export (graph with KV-cache inputs and outputs) converted to
-OpenVINO IR, weights optionally compressed to int8/int4 by nncf, run by our decode loop."""
+"""OpenVINO: the onnx plugin's fp32 export (a graph with KV-cache inputs and outputs) compiled by
+OpenVINO's CPU plugin, weights optionally compressed to int8/int4 by nncf, run by our decode loop."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ PRECISIONS = ("fp32", "int8", "int4")
 ONNX_EXPORT = "onnx-fp32"  # the directory the onnx plugin writes under the run's export/
 ONNX_LAYOUT_KEYS = ("layers", "kv_heads", "head_dim", "context_length", "hard_context_limit", "input_names",
                     "output_names")
-MODEL_FILE = "model.xml"
+IR_FILE = "model.xml"
 
 
 def missing() -> str | None:
@@ -58,12 +59,24 @@ def compress(model, precision: str, block_size: int):
 
 
 def export(export_dir: Path, out_dir: Path, precision: str, details: dict[str, Any], block_size: int = 32) -> Path:
+    """fp32: the ONNX files themselves, which OpenVINO compiles directly (its IR cannot hold the
+    onnxruntime contrib ops of the onnx plugin's fused graph). int8/int4: nncf-compressed IR."""
     import openvino as ov
 
     model_path, layout = onnx_source(export_dir)
-    model = compress(ov.convert_model(str(model_path)), precision, block_size)
-    ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)  # fp16 storage would not be fp32
-    write_manifest(out_dir, ENGINE, precision, block_size=block_size, **{**details, **layout})
+    if precision == "fp32":
+        for file in model_path.parent.glob(f"{model_path.name}*"):  # the graph and its external data, if any
+            shutil.copy2(file, out_dir / file.name)
+        model_file = model_path.name
+    else:
+        model = compress(ov.convert_model(str(model_path)), precision, block_size)
+        model_file = IR_FILE
+        ov.save_model(model, str(out_dir / IR_FILE), compress_to_fp16=False)
+        try:
+            ov.Core().read_model(str(out_dir / IR_FILE))
+        except RuntimeError as exc:
+            raise EngineSkipped(f"OpenVINO IR cannot hold this graph: {str(exc).splitlines()[0]}") from None
+    write_manifest(out_dir, ENGINE, precision, file=model_file, block_size=block_size, **{**details, **layout})
     return out_dir
 
 
@@ -75,18 +88,27 @@ class OpenVinoBackend:
         import openvino as ov
 
         self.directory = Path(directory)
-        self.name = f"{ENGINE}-{manifest['precision']}"
+        self.name = manifest["name"]
         self.layers, self.kv_heads, self.head_dim = manifest["layers"], manifest["kv_heads"], manifest["head_dim"]
         self.context_length = manifest["context_length"] if manifest["hard_context_limit"] else None
         self.input_names, self.output_names = manifest["input_names"], manifest["output_names"]
-        compiled = ov.Core().compile_model(str(self.directory / MODEL_FILE), "CPU", {
+        compiled = ov.Core().compile_model(str(self.directory / manifest["file"]), "CPU", {
             "INFERENCE_NUM_THREADS": default_threads(threads), "INFERENCE_PRECISION_HINT": "f32",
             "PERFORMANCE_HINT": "LATENCY"})
         self.request = compiled.create_infer_request()
         self.outputs = [compiled.output(name) for name in self.output_names]
 
     def _step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        result = self.request.infer({"input_ids": ids, **dict(zip(self.input_names[1:], past))})
+        """One forward. Feeds go by name: the onnx plugin's fused graph also takes attention_mask and
+        position_ids, its traced graph only input_ids and the past."""
+        batch, new_len = ids.shape
+        past_len = past[0].shape[2]
+        given = {"input_ids": ids, "attention_mask": np.ones((batch, past_len + new_len), dtype=np.int64),
+                 "position_ids": np.broadcast_to(np.arange(past_len, past_len + new_len, dtype=np.int64),
+                                                 (batch, new_len)).copy()}
+        past_names = [n for n in self.input_names if n not in given]
+        feeds = {**{n: given[n] for n in self.input_names if n in given}, **dict(zip(past_names, past))}
+        result = self.request.infer(feeds)
         values = [np.array(result[output]) for output in self.outputs]  # copies: the request reuses its buffers
         return values[0], values[1:]
 

@@ -42,7 +42,11 @@ class RuntimesSettings(BaseModel):
     block_size: int = Field(32, ge=16, le=256)
     """Weights per quantization block for onnxruntime-genai int4 and OpenVINO int4 (a power of two)."""
     parity_tokens: int = Field(32, ge=2)
-    """Tokens of fixed text whose logits each export is compared on with the torch model (recorded, not gated)."""
+    """Tokens of fixed text on which each export's logits are compared with the torch model's."""
+    fp32_tolerance: float = Field(1e-3, gt=0)
+    """fp32 exports: largest |logit difference| from torch allowed; beyond it the export is dropped as wrong."""
+    min_top1: float = Field(0.5, ge=0, le=1)
+    """Reduced-precision exports: least fraction of positions whose top token matches torch's."""
 
     @field_validator("block_size")
     @classmethod
@@ -122,25 +126,33 @@ def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: Run
         except EngineSkipped as exc:
             skip(name, str(exc))
             continue
+        named = {**details, "name": name}
         try:
             if engine == "openvino":
-                module.export(export_dir, out_dir, precision, details, block_size=settings.block_size)
+                module.export(export_dir, out_dir, precision, named, block_size=settings.block_size)
             elif engine == "genai":
-                module.export(source, out_dir, precision, details, block_size=settings.block_size)
+                module.export(source, out_dir, precision, named, block_size=settings.block_size)
             else:
-                module.export(source, out_dir, precision, details)
+                module.export(source, out_dir, precision, named)
         except EngineSkipped as exc:
             shutil.rmtree(out_dir, ignore_errors=True)
             skip(name, str(exc))
             continue
         backend = load_backend(out_dir)
+        parity = logits_parity(model, backend, parity_ids)
+        failure = parity_failure(parity, precision, settings)
+        if failure:
+            del backend
+            shutil.rmtree(out_dir, ignore_errors=True)
+            skip(name, f"its output disagrees with the torch model: {failure}")
+            continue
         result["exports"][name] = str(out_dir)
-        result["backends"][backend.name] = backend
+        result["backends"][name] = backend
         result["sizes_bytes"][name] = directory_bytes(out_dir)
-        result["parity"][name] = logits_parity(model, backend, parity_ids)
+        result["parity"][name] = parity
         result["tokenizer"][name] = tokenizer_identity(backend, tokenizer)
-        record("export", export=name, backend=backend.name, path=str(out_dir), bytes=result["sizes_bytes"][name],
-               parity=result["parity"][name], tokenizer=result["tokenizer"][name])
+        record("export", export=name, path=str(out_dir), bytes=result["sizes_bytes"][name], parity=parity,
+               tokenizer=result["tokenizer"][name])
     return result
 
 
@@ -170,6 +182,16 @@ def logits_parity(model: Any, backend: Any, token_ids) -> dict[str, float]:
     return {"max_abs_logit_diff": float((got - expected).abs().max()),
             "top1_agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
             "tokens": int(token_ids.numel())}
+
+
+def parity_failure(parity: dict[str, float], precision: str, settings: RuntimesSettings) -> str | None:
+    """Why an export is too far from torch to keep, or None."""
+    if precision.lower() in ("fp32", "float32"):
+        if not parity["max_abs_logit_diff"] <= settings.fp32_tolerance:  # `not <=` also catches NaN
+            return f"max |logit difference| {parity['max_abs_logit_diff']:.3g} > fp32_tolerance {settings.fp32_tolerance}"
+    elif not parity["top1_agreement"] >= settings.min_top1:
+        return f"top-1 agreement {parity['top1_agreement']:.2f} < min_top1 {settings.min_top1}"
+    return None
 
 
 def tokenizer_identity(backend: Any, tokenizer: Any) -> dict[str, Any]:

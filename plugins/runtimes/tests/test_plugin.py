@@ -109,9 +109,26 @@ def test_load_backend_answers_only_for_its_own_directories(tmp_path):
     assert load_backend(tmp_path) is None  # no runtime.json: another plugin's export
     (tmp_path / "export.json").write_text(json.dumps({"format": "ryzen-onnx/1"}))
     assert load_backend(tmp_path) is None
-    write_manifest(tmp_path, "tensorrt", "fp8")
+    write_manifest(tmp_path, "tensorrt", "fp8", name="tensorrt-fp8")
     with pytest.raises(RuntimeExportError, match="unknown engine 'tensorrt'"):
         load_backend(tmp_path)
     (tmp_path / "runtime.json").write_text("{not json")
     with pytest.raises(RuntimeExportError, match="cannot read"):
         load_backend(tmp_path)
+
+
+def test_an_export_that_disagrees_with_torch_is_dropped_with_the_reason(builtin_model, tokenizer, tmp_path,
+                                                                        monkeypatch):
+    if plugin.engine_module("ctranslate2").missing():
+        pytest.skip("ctranslate2 is not installed")
+    module = plugin.engine_module("ctranslate2")
+    right = module.CTranslate2Backend.logits
+    monkeypatch.setattr(module.CTranslate2Backend, "logits", lambda self, ids: right(self, ids) + 0.01)
+    result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"]))
+    # An offset keeps the top token (int8 stays), but is past the fp32 tolerance.
+    assert list(result["exports"]) == ["ctranslate2-int8"]
+    assert "max |logit difference| 0.01 > fp32_tolerance 0.001" in result["skipped"]["ctranslate2-float32"]
+    assert not (tmp_path / "ctranslate2-float32").exists()
+    monkeypatch.setattr(module.CTranslate2Backend, "logits", lambda self, ids: -right(self, ids))
+    result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"], min_top1=0.9))
+    assert result["exports"] == {} and "top-1 agreement 0.00 < min_top1 0.9" in result["skipped"]["ctranslate2-int8"]

@@ -1,0 +1,72 @@
+"""onnxruntime-genai: its model builder on the HF Llama directory, its Generator as a backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ryzen_core.models import generate, lm_logits
+from ryzen_plugin_runtimes.plugin import RuntimesSettings, export_all, load_backend
+from ryzen_plugin_runtimes.texts import IDENTITY_TEXTS
+
+pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed "
+                    "(pip install 'ryzen-plugin-runtimes[genai]')")
+
+
+@pytest.fixture(scope="module")
+def exported(llama_model, tokenizer, tmp_path_factory):
+    settings = RuntimesSettings(engines=["genai"], genai=["fp32", "int4"])
+    return export_all(llama_model, tokenizer, tmp_path_factory.mktemp("export"), settings)
+
+
+def test_builder_output_loads_from_its_directory(exported):
+    assert sorted(exported["exports"]) == ["genai-fp32", "genai-int4"]
+    assert exported["skipped"] == {}
+    assert exported["sizes_bytes"]["genai-int4"] < exported["sizes_bytes"]["genai-fp32"]
+    for name, path in exported["exports"].items():
+        assert load_backend(path).name == name
+
+
+def test_fp32_follows_torch(exported, llama_model, prompts):
+    backend = load_backend(exported["exports"]["genai-fp32"])
+    with torch.inference_mode():
+        expected = lm_logits(llama_model, prompts)
+        expected_ids = generate(llama_model, prompts, 10)
+    torch.testing.assert_close(backend.logits(prompts), expected, atol=1e-3, rtol=0)
+    steps = []
+    assert torch.equal(backend.generate(prompts, 10, on_token=steps.append), expected_ids)
+    assert steps == list(range(10))
+
+
+def test_int4_keeps_the_top_token_mostly(exported, llama_model, prompts):
+    backend = load_backend(exported["exports"]["genai-int4"])
+    with torch.inference_mode():
+        expected = lm_logits(llama_model, prompts)
+    assert (backend.logits(prompts).argmax(-1) == expected.argmax(-1)).float().mean() >= 0.6
+    assert backend.generate(prompts, 6).shape == (2, prompts.shape[1] + 6)
+
+
+def test_eos_stops_generation_and_pads(exported, prompts):
+    backend = load_backend(exported["exports"]["genai-fp32"])
+    free = backend.generate(prompts, 8)
+    eos = int(free[1, prompts.shape[1] + 1])
+    stopped = backend.generate(prompts, 8, eos_token_id=eos)
+    row = stopped[1, prompts.shape[1]:].tolist()
+    assert row.index(eos) <= 1 and all(t == eos for t in row[row.index(eos):])
+
+
+def test_tokenizer_identity_on_the_fixed_texts(exported, tokenizer):
+    """onnxruntime-genai's tokenizer reads "<|endoftext|>" inside a text as the special token, where Ryzen
+    (encode_special_tokens) reads it as text; every other text must give the same ids."""
+    backend = load_backend(exported["exports"]["genai-fp32"])
+    for text in IDENTITY_TEXTS:
+        if tokenizer.eos_token in text:
+            assert tokenizer.eos_id in backend.encode(text) and tokenizer.eos_id not in tokenizer.encode(text)
+        else:
+            assert backend.encode(text) == tokenizer.encode(text), text
+
+
+def test_the_builtin_model_is_skipped_with_the_reason(builtin_model, tokenizer, tmp_path):
+    result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["genai"], genai=["int8"]))
+    assert result["exports"] == {}
+    assert "does not build 'gpt2'" in result["skipped"]["genai-int8"]
+    assert not (tmp_path / "genai-int8").exists()

@@ -1,0 +1,134 @@
+"""GGUF for llama.cpp: what the file holds, read back with gguf's own reader (no llama.cpp needed),
+and, where llama-cpp-python is installed, llama.cpp itself on the file."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tokenizers
+import torch
+
+from ryzen_core.models import generate, lm_logits
+from ryzen_plugin_runtimes.gguf_engine import MODEL_FILE, hf_tensors, rope_permute, write_gguf
+from ryzen_plugin_runtimes.hf_source import write_hf_source
+from ryzen_plugin_runtimes.manifest import write_manifest
+from ryzen_plugin_runtimes.plugin import load_backend
+from ryzen_plugin_runtimes.texts import IDENTITY_TEXTS
+
+gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install gguf)")
+
+
+@pytest.fixture(scope="module", params=["builtin", "llama"])
+def source(request, tokenizer, tmp_path_factory):
+    model = request.getfixturevalue(f"{request.param}_model")
+    return model, write_hf_source(model, tokenizer, tmp_path_factory.mktemp("hf"))
+
+
+def read(path):
+    reader = gguf.GGUFReader(str(path))
+    fields = {name: reader.get_field(name).contents() for name in reader.fields}
+    tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in reader.tensors}
+    return fields, tensors, {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def test_tokenizer_metadata_round_trips_and_tokenizes_like_ryzen(source, tokenizer, tmp_path):
+    _, directory = source
+    fields, _, _ = read(write_gguf(directory, tmp_path / "model.gguf", "F16"))
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_id
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    control = [i for i, kind in enumerate(fields["tokenizer.ggml.token_type"]) if kind == gguf.TokenType.CONTROL]
+    assert control == [tokenizer.eos_id]
+    # A byte-level BPE rebuilt from nothing but the GGUF fields must give Ryzen's ids on the fixed texts.
+    tokens, merges = fields["tokenizer.ggml.tokens"], [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]
+    rebuilt = tokenizers.Tokenizer(tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    rebuilt.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    for text in IDENTITY_TEXTS:
+        assert rebuilt.encode(text).ids == tokenizer.encode(text), text
+
+
+def test_model_metadata_matches_the_config(source, tmp_path):
+    model, directory = source
+    fields, _, _ = read(write_gguf(directory, tmp_path / "model.gguf", "Q8_0"))
+    arch = fields["general.architecture"]
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    if arch == "gpt2":
+        cfg = model.config
+        expected = {"context_length": cfg.context_length, "embedding_length": cfg.d_model, "block_count": cfg.n_layers,
+                    "feed_forward_length": cfg.d_ff, "attention.head_count": cfg.n_heads}
+    else:
+        cfg = model.config
+        expected = {"context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+                    "block_count": cfg.num_hidden_layers, "feed_forward_length": cfg.intermediate_size,
+                    "attention.head_count": cfg.num_attention_heads,
+                    "attention.head_count_kv": cfg.num_key_value_heads,
+                    "rope.dimension_count": cfg.hidden_size // cfg.num_attention_heads}
+    assert {key: fields[f"{arch}.{key}"] for key in expected} == expected
+
+
+@pytest.mark.parametrize("precision, tolerance", [("F16", 2e-3), ("Q8_0", 2e-2), ("Q4_0", 0.3)])
+def test_weights_round_trip_within_the_precision(source, tmp_path, precision, tolerance):
+    """Every HF tensor is in the file under llama.cpp's name and layout, and reads back within the precision."""
+    model, directory = source
+    _, tensors, types = read(write_gguf(directory, tmp_path / "model.gguf", precision))
+    import json
+
+    config = json.loads((directory / "config.json").read_text())
+    expected = hf_tensors(directory, config)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, config["model_type"].upper()), 2)
+    assert len(tensors) == len(expected)
+    for hf_name, weight in expected.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        got = tensors[name].reshape(weight.shape)
+        scale = max(float(np.abs(weight).max()), 1e-6)
+        assert float(np.abs(got - weight).max()) <= tolerance * scale, (name, types[name])
+        if weight.ndim == 2 and precision != "F16" and not name.startswith("position_embd"):
+            assert types[name] == precision, name
+
+
+def test_rope_permutation_is_a_reordering_of_rows():
+    weight = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    permuted = rope_permute(weight, heads=2)
+    # Per head of 4 rows, HF's halves (0,1 | 2,3) become llama.cpp's adjacent pairs (0,2,1,3).
+    assert permuted[:, 0].tolist() == [0, 6, 3, 9, 12, 18, 15, 21]
+    assert sorted(permuted.ravel().tolist()) == weight.ravel().tolist()
+
+
+# ----------------------------------------------------------------------------- llama.cpp itself
+
+
+@pytest.fixture(scope="module")
+def llamacpp_exports(source, tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it builds from source; "
+                        "pip install 'ryzen-plugin-runtimes[llamacpp]')")
+    model, directory = source
+    exports = {}
+    for precision in ("F16", "Q8_0"):
+        out = tmp_path_factory.mktemp(precision)
+        write_gguf(directory, out / MODEL_FILE, precision)
+        context = model.config.context_length if hasattr(model.config, "context_length") else None
+        write_manifest(out, "llamacpp", precision, name=f"llamacpp-{precision.lower()}", file=MODEL_FILE,
+                       context_length=context)
+        exports[precision] = load_backend(out)
+    return model, exports
+
+
+def test_llamacpp_tokenizes_like_ryzen(llamacpp_exports, tokenizer):
+    _, exports = llamacpp_exports
+    for text in IDENTITY_TEXTS:
+        assert exports["F16"].encode(text) == tokenizer.encode(text), text
+
+
+def test_llamacpp_f16_logits_and_greedy_tokens_follow_torch(llamacpp_exports, prompts):
+    model, exports = llamacpp_exports
+    with torch.inference_mode():
+        expected = lm_logits(model, prompts)
+        expected_ids = generate(model, prompts, 8)
+    got = exports["F16"].logits(prompts)
+    # F16 weights, and llama.cpp's GELU is the tanh approximation: close, not equal.
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    steps = []
+    out = exports["F16"].generate(prompts, 8, on_token=steps.append)
+    assert steps == list(range(8)) and out.shape == expected_ids.shape
+    assert (out == expected_ids).float().mean() >= 0.8
