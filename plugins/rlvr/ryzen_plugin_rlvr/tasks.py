@@ -19,6 +19,12 @@ from typing import Any, Callable, Hashable
 
 TASK_ENTRY_POINT_GROUP = "ryzen_rlvr.tasks"
 MAX_EXPRESSION_CHARS = 64
+# Longer than any chain `ArithmeticTask.parse` accepts (16 steps of 18-digit numbers): longer is malformed,
+# and no regex runs over it (finding steps in a long digit string is quadratic in its length).
+MAX_CHAIN_CHARS = 1024
+# Countdown reads plain decimal integers only: no 0x2d, 1_5, 1e3 or 1.5 (Python's literal syntax is wider).
+PLAIN_EXPRESSION = re.compile(r"[0-9+\-*/()\s]*")
+LEADING_ZEROS = re.compile(r"(?<![0-9])0+(?=[0-9])")
 SPLITS = ("train", "validation", "test")
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
         ast.Div: lambda a, b: a / b}
@@ -136,6 +142,8 @@ class ArithmeticTask(Task):
 
     def parse(self, completion: str) -> int | None:
         text = completion_text(completion).strip()
+        if len(text) > MAX_CHAIN_CHARS:
+            return None
         if self.chain:
             m = re.fullmatch(r"(?:-?[0-9]{1,18}[+-][0-9]{1,18}=-?[0-9]{1,18},){0,15}-?[0-9]{1,18}[+-][0-9]{1,18}=(-?[0-9]{1,18})", text)
         else:
@@ -148,21 +156,33 @@ class ArithmeticTask(Task):
     def diagnose(self, problem: Problem, completion: str) -> str:
         """Why a chain is wrong: 'right', 'malformed', 'operand' (a term missing or miscopied from the
         prompt) or 'arithmetic' (the terms are right, a sum or a carried result is not)."""
-        if self.parse(completion) == problem.target:
+        answer = self.parse(completion)
+        if answer == problem.target:
             return "right"
+        if answer is None:  # before any search, which only ever sees a chain of bounded length
+            return "malformed"
         steps = re.findall(r"(-?[0-9]+)([+-])([0-9]+)=(-?[0-9]+)", completion_text(completion))
-        if not self.chain or self.parse(completion) is None or not steps:
-            return "malformed" if self.parse(completion) is None else "arithmetic"
+        if not self.chain or not steps:
+            return "arithmetic"
         used = [abs(int(steps[0][0]))] + [int(b) for _, _, b, _ in steps]
         if sorted(used) != sorted(problem.numbers):
             return "operand"
         return "arithmetic"
 
 
+def plain_decimal(text: str) -> str:
+    """`text` if it holds only decimal integers, + - * /, parentheses and spaces, else ValueError.
+    Zero-padded operands copied from the prompt ('15*03') count as the numbers they show (15*3)."""
+    if not PLAIN_EXPRESSION.fullmatch(text):
+        raise ValueError("only decimal integers, + - * / and parentheses are allowed")
+    return LEADING_ZEROS.sub("", text)
+
+
 def evaluate_expression(text: str) -> Fraction:
     """Exact value of an arithmetic expression over integer literals; ValueError for anything else."""
     if len(text) > MAX_EXPRESSION_CHARS:
         raise ValueError("expression too long")
+    text = plain_decimal(text)
     try:
         with warnings.catch_warnings():  # model output like '5if9' makes the parser warn; it is rejected anyway
             warnings.simplefilter("ignore", SyntaxWarning)
@@ -188,7 +208,7 @@ def evaluate_expression(text: str) -> Fraction:
 
 def numbers_used(text: str) -> list[int]:
     """Integer literals of an expression that `evaluate_expression` accepted."""
-    tree = ast.parse(text.strip(), mode="eval")
+    tree = ast.parse(plain_decimal(text).strip(), mode="eval")
     return sorted(n.value for n in ast.walk(tree) if isinstance(n, ast.Constant))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import subprocess
 import sys
 import textwrap
 
@@ -225,3 +226,27 @@ def test_arithmetic_diagnose_tells_operand_from_arithmetic_errors():
     assert task.diagnose(problem, "28+36=64,64+5=69") == "operand"      # 36 is not in the prompt
     assert task.diagnose(problem, "28+30=58,58+5=64") == "arithmetic"   # right terms, wrong sum
     assert task.diagnose(problem, "28+30=58,58+5") == "malformed"
+
+
+def test_arithmetic_diagnose_is_bounded_on_long_output():
+    # Before the bound, 10 MB of digits took hours (a quadratic search); the guard only catches a hang.
+    script = ("from ryzen_plugin_rlvr.tasks import ArithmeticTask, Problem\n"
+              "task = ArithmeticTask(digits=2, terms=3)\n"
+              "problem = Problem('30+28+05=', 63, '', (30, 28, 5))\n"
+              "print(task.diagnose(problem, '1' * 10_000_000), task.diagnose(problem, '28+30=58,' * 200_000))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["malformed", "malformed"], result.stderr
+
+
+@pytest.mark.parametrize("expression, value", [
+    ("0x2d", None), ("1_5*3", None), ("1e3", None), ("1.5*2", None), ("15*3", 45), ("15*03", 45), ("(03+07)*2", 20),
+])
+def test_countdown_reads_plain_decimal_literals_only(expression, value):
+    if value is None:
+        with pytest.raises(ValueError, match="only decimal integers"):
+            evaluate_expression(expression)
+    else:
+        assert evaluate_expression(expression) == value
+    task = CountdownTask()
+    problem = Problem("03 15 07->045:", 45, "", (3, 15, 7))
+    assert task.reward(problem, expression) == (1.0 if value == 45 else 0.0)
