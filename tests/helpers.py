@@ -12,7 +12,7 @@ TINY = [
     "train.batch_size=4", "train.max_steps=6", "train.eval_every=3", "train.eval_batches=2",
     "train.checkpoint_every=3", "train.warmup_steps=2",
     "validate.prompt_len=8", "validate.new_tokens=4", "validate.batch_sizes=[1]", "validate.warmup=1",
-    "validate.repeats=2", "validate.perplexity_batches=2",
+    "validate.repeats=2", "validate.max_repeats=3", "validate.perplexity_batches=2",
 ]
 
 

@@ -179,7 +179,7 @@ def test_ryzen_train_with_kernel_records_the_tuning_and_applies_it(tmp_path):
 def test_run_and_bench_infer_measure_the_int8_path_alike(tmp_path):
     sets = [*TINY_TUNE, "--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", "train.eval_batches=1",
             "--set", "kernel.inference=int8", "--set", "kernel.autotune=false", "--set", "validate.batch_sizes=[1]",
-            "--set", "validate.repeats=2", "--set", "validate.warmup=1", "--set", "validate.perplexity_batches=2",
+            "--set", "validate.repeats=2", "--set", "validate.max_repeats=3", "--set", "validate.warmup=1", "--set", "validate.perplexity_batches=2",
             "--set", "validate.new_tokens=4", "--set", "validate.prompt_len=8"]
     run = tmp_path / "run"
     out = cli("run", "--plugins", "kernel", *sets, "--out", str(run), cache=tmp_path / "cache")

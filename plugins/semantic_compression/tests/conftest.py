@@ -15,7 +15,7 @@ TINY = [
     "train.batch_size=4", "train.max_steps=4", "train.eval_every=2", "train.eval_batches=1",
     "train.checkpoint_every=4", "train.warmup_steps=2",
     "validate.prompt_len=8", "validate.new_tokens=4", "validate.batch_sizes=[1]", "validate.warmup=0",
-    "validate.repeats=1", "validate.perplexity_batches=1",
+    "validate.repeats=1", "validate.max_repeats=1", "validate.perplexity_batches=1",
     "compression.sparsity_target=0.5", "compression.sparsity_step=0.25", "compression.saved_activations=off",
     "compression.saved_activations_target=int8", "compression.minilm=false", "compression.decode_repeats=1",
     "compression.decode_new_tokens=4", "compression.memory_repeats=1", "compression.perplexity_batches=1",
