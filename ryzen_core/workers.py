@@ -162,6 +162,7 @@ def _serve(conn, recipe: BackendRecipe, threads: int) -> None:
         backend = recipe.build()
         ready = {"name": backend.name, "pid": os.getpid(), "threads": torch.get_num_threads(),
                  "load_s": time.perf_counter() - start, "peak_rss_after_load_mib": process_peak_rss_mib(),
+                 "wraps_generation": getattr(backend, "wraps_generation", None),
                  "events": getattr(backend, "plugin_events", []), "disabled": getattr(backend, "plugin_disabled", {})}
     except BaseException as exc:
         conn.send(("error", f"building the backend raised {describe_error(exc)}"))
@@ -423,15 +424,26 @@ class _Builder:
         not_installed = [p for p in infer if not _installed(self.host, p)]
         if self.process and not not_installed:
             settings = {p: s.model_dump(mode="json") for p in infer if (s := self.host.settings.get(p)) is not None}
-            return TorchRecipe(name, self.config.model.model_dump(mode="json"), self.tokenizer.vocab_size,
-                               self._weights_file(variant), runner, tuple(infer), settings,
-                               self.config.dump() if infer else None, self._tokenizer() if infer else None)
+            recipe = TorchRecipe(name, self.config.model.model_dump(mode="json"), self.tokenizer.vocab_size,
+                                 self._weights_file(variant), runner, tuple(infer), settings,
+                                 self.config.dump() if infer else None, self._tokenizer() if infer else None)
+            # Started now when plugins may wrap generation: whether they did decides what is measured.
+            cfg = self.config.validate_
+            return ProcessWorker(recipe, pinned_threads(cfg), cfg.worker_timeout_s) if infer else recipe
         live = (HFGenerateBackend(variant.model, name) if runner == "hf-generate" else
                 torch_backend(variant.model, name, self.host, infer, self.tokenizer, self.config))
         if not self.process:
             return live
         return InlineWorker(live, f"plugin {not_installed[0]} is registered in this process, not installed, so a "
                                   f"worker process cannot load it")
+
+
+def _left_generation_plain(entry: Any) -> bool:
+    """Whether the on_infer fold left this torch backend's generation as it was (a failed worker: unknown, no)."""
+    if isinstance(entry, ProcessWorker):
+        return entry.ready.get("wraps_generation") is False
+    live = entry.backend if isinstance(entry, InlineWorker) else entry
+    return isinstance(live, TorchBackend) and not live.wraps_generation
 
 
 def plan_variants(variants: list[Variant], host, config, tokenizer, workdir: Path) -> ValidationPlan:
@@ -446,9 +458,10 @@ def plan_variants(variants: list[Variant], host, config, tokenizer, workdir: Pat
         infer = [p for p in host.active(variant.plugins) if _implements(host, "on_infer", p)]
         same_weights = variant.model is base
         entry = builder.build(variant, name, infer) if is_baseline or infer or not same_weights else None
-        live = entry.backend if isinstance(entry, InlineWorker) else entry
-        plain = not infer or (isinstance(live, TorchBackend) and not live.wraps_generation)
+        plain = not infer or _left_generation_plain(entry)
         if entry is None or (not is_baseline and same_weights and plain):
+            if isinstance(entry, (ProcessWorker, InlineWorker)):
+                entry.close()
             plan.own_fp32[variant.label] = "torch"  # the baseline's model, already measured
             continue
         own = "torch" if same_weights else name if plain else f"{name}-fp32"

@@ -2,6 +2,7 @@
 the same as in this process, memory that is each worker's own, and failures reported while the rest goes on."""
 from __future__ import annotations
 
+import os
 import sys
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from helpers import make_distribution
 from ryzen_core import hookimpl
 from ryzen_core.backends import TorchBackend
 from ryzen_core.config import ModelConfig, RunConfig, ValidateConfig
+from ryzen_core.data import train_tokenizer
 from ryzen_core.models import Transformer
 from ryzen_core.models.build import builtin_config
 from ryzen_core.plugins import PluginHost
@@ -208,3 +210,49 @@ def test_a_run_plan_isolates_what_it_can_and_checks_each_variant_against_its_own
                                          "sequence_agreement": 1.0, "tokens": 4, "sequences": 1}
     assert result["agreement_with_baseline"]["reference"] == "torch"
     assert [report["workers"][n]["isolation"] for n in report["backends"]] == ["process", "inline"]
+
+
+KEEPS_GENERATION = """
+from ryzen_core import hookimpl
+
+
+@hookimpl
+def on_infer(generate):
+    return None
+"""
+
+WRAPS_GENERATION = """
+from ryzen_core import hookimpl
+
+
+@hookimpl
+def on_infer(generate, record):
+    record("wrapped", pid=__import__("os").getpid())
+
+    def wrapped(input_ids, max_new_tokens, **sampling):
+        return generate(input_ids, max_new_tokens, **sampling)
+
+    return wrapped
+"""
+
+
+def test_installed_on_infer_plugins_run_in_the_worker_and_count_only_when_they_wrap_generation(tmp_path, monkeypatch):
+    make_distribution(tmp_path, "ryzen-plugin-keeps", "keeps", "keeps_generation", KEEPS_GENERATION)
+    make_distribution(tmp_path, "ryzen-plugin-wraps", "wraps", "wraps_generation", WRAPS_GENERATION)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    host = PluginHost()
+    host.load_installed(["keeps", "wraps"])
+    config = RunConfig.model_validate({"model": {"preset": "tiny"}})
+    model = tiny_model()
+    variants = [Variant("baseline", model, []), Variant("kept", model, ["keeps"]), Variant("wrapped", model, ["wraps"])]
+    # What on_infer is handed: a real tokenizer (saved for the worker) for a model of VOCAB tokens.
+    tokenizer = SimpleNamespace(vocab_size=VOCAB, save=train_tokenizer(["def f(x): return x"] * 8, 300, tmp_path).save)
+    plan = plan_variants(variants, host, config, tokenizer, tmp_path)
+    assert list(plan.backends) == ["torch", "torch-wrapped"]  # "kept": the baseline's model, generation unchanged
+    assert plan.own_fp32 == {"baseline": "torch", "kept": "torch", "wrapped": "torch"} and not plan.references
+
+    report = validate(plan.backends, "torch", rows(2), quick(batch_sizes=[1]), rows(2),
+                      fidelity_reference=plan.fidelity_reference, reference_backends=plan.references)
+    (event,) = report["workers"]["torch-wrapped"]["plugin_events"]
+    assert event["plugin"] == "wraps" and event["event"] == "wrapped" and event["data"]["pid"] != os.getpid()
+    assert report["batches"][0]["backends"]["torch-wrapped"]["export_fidelity"]["token_agreement"] == 1.0
