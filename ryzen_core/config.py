@@ -318,6 +318,32 @@ def resolve_plugin_settings(config: RunConfig, settings_models: Mapping[str, typ
     return resolved
 
 
+# fp32 weights, gradients and AdamW's two moments: what training holds per parameter, before activations.
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def builtin_parameters(sizes) -> int:
+    """Parameters of the built-in transformer of these sizes (norms left out: a lower bound)."""
+    d = sizes.d_model
+    head = 0 if sizes.tie_embeddings else sizes.vocab_size * d
+    return (sizes.vocab_size + sizes.context_length) * d + head + sizes.n_layers * (4 * d * d + 2 * d * sizes.d_ff)
+
+
+def check_fits_memory(sizes) -> None:
+    """Refuse, before any work, a model whose training state alone exceeds this machine's memory."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform: nothing to compare with
+        return
+    parameters = builtin_parameters(sizes)
+    need = parameters * TRAINING_BYTES_PER_PARAMETER
+    if need > memory:
+        raise ConfigError(f"config error: a model of {parameters:,} parameters needs at least {need / 2**30:,.1f} GiB "
+                          f"to train ({TRAINING_BYTES_PER_PARAMETER} bytes each: weights, gradients, AdamW state), "
+                          f"more than this machine's {memory / 2**30:,.1f} GiB; lower model.d_model, model.n_layers "
+                          "or model.d_ff")
+
+
 def check_model_fits_data(config: RunConfig) -> None:
     """Cross-field checks that need the model's sizes (data.seq_len vs its context, the tokenizer vs its
     vocabulary), made before any data is prepared; raises ConfigError naming both fields."""
@@ -326,6 +352,7 @@ def check_model_fits_data(config: RunConfig) -> None:
         from .models.build import builtin_config
 
         sizes = builtin_config(m, config.data.vocab_size)  # also checks d_model against n_heads
+        check_fits_memory(sizes)
         context, where = sizes.context_length, ("model.context_length" if m.context_length
                                                 else f"model.preset '{m.preset}'")
     else:

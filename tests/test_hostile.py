@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ryzen_core.checkpoint import load_checkpoint, save_checkpoint, verify
-from ryzen_core.config import load_config
+from ryzen_core.config import check_model_fits_data, load_config
 from ryzen_core.data import MAX_FILE_BYTES, load_documents
 from ryzen_core.errors import RyzenError
 from ryzen_core.rundir import claim_run_directory
@@ -92,6 +92,10 @@ def set_value(tmp_path: Path, assignment: str) -> None:
     load_config(overrides=[assignment])
 
 
+def model_sizes(tmp_path: Path, assignments: str) -> None:
+    check_model_fits_data(load_config(overrides=assignments.split()))
+
+
 def config_file(tmp_path: Path, content: bytes | str) -> None:
     path = tmp_path / "run.yaml"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -120,8 +124,8 @@ def data_source(tmp_path: Path, what: str) -> None:
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")) + "train: {lr: *i}\n"
 
-RUNNERS = {f.__name__: f for f in (manifest, manifest_without, flipped, state, out_dir, set_value, config_file,
-                                   jsonl, data_source)}
+RUNNERS = {f.__name__: f for f in (manifest, manifest_without, flipped, state, out_dir, set_value, model_sizes,
+                                   config_file, jsonl, data_source)}
 
 CASES = [
     # checkpoints: the manifest must vouch, with size and sha256, for every file the loader reads
@@ -163,6 +167,8 @@ CASES = [
     ("set_value", "train.lr=" + "x" * 100_000, "(100,002 characters)", 2),
     ("set_value", "train." + "k" * 100_000 + "=1", "unknown key", 2),
     ("set_value", "x" * 100_000, "--set expects section.key=value", 2),
+    ("model_sizes", "model.d_model=65536 model.n_layers=1000", "parameters needs at least", 2),
+    ("model_sizes", "model.preset=tiny data.seq_len=4096", "data.seq_len (4096) exceeds the model's context", 2),
     # config files: size, encoding, alias bombs, nesting
     ("config_file", BOMB, "YAML aliases expand to more than 100,000 values", 2),
     ("config_file", "a: &a [*a]\n", "a YAML alias refers to itself", 2),
