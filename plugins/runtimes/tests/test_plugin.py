@@ -127,8 +127,23 @@ def test_an_export_that_disagrees_with_torch_is_dropped_with_the_reason(builtin_
     result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"]))
     # An offset keeps the top token (int8 stays), but is past the fp32 tolerance.
     assert list(result["exports"]) == ["ctranslate2-int8"]
-    assert "max |logit difference| 0.01 > fp32_tolerance 0.001" in result["skipped"]["ctranslate2-float32"]
+    assert "dropped, max |logit difference| 0.01 > fp32_tolerance 0.001" in result["skipped"]["ctranslate2-float32"]
     assert not (tmp_path / "ctranslate2-float32").exists()
     monkeypatch.setattr(module.CTranslate2Backend, "logits", lambda self, ids: -right(self, ids))
     result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"], min_top1=0.9))
     assert result["exports"] == {} and "top-1 agreement 0.00 < min_top1 0.9" in result["skipped"]["ctranslate2-int8"]
+
+
+def test_an_export_that_fails_to_run_is_dropped_with_the_engines_own_words(builtin_model, tokenizer, tmp_path,
+                                                                           monkeypatch):
+    if plugin.engine_module("ctranslate2").missing():
+        pytest.skip("ctranslate2 is not installed")
+    module = plugin.engine_module("ctranslate2")
+
+    def fails_at_batch_two(self, ids):
+        raise RuntimeError("Exception from engine.cpp:224:\n[cpu] reshape conflicts with the pattern")
+
+    monkeypatch.setattr(module.CTranslate2Backend, "logits", fails_at_batch_two)
+    result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"], ctranslate2=["int8"]))
+    assert result["skipped"]["ctranslate2-int8"] == ("dropped, it fails on a batch of 2: RuntimeError: "
+                                                     "[cpu] reshape conflicts with the pattern")
