@@ -132,8 +132,8 @@ def rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def add_weight(writer, name: str, tensor: np.ndarray, precision: str) -> None:
-    """Matrices in `precision`; vectors, position embeddings and rows that do not fill whole 32-value
-    quantization blocks in float32/float16, as llama.cpp's own converter does."""
+    """Matrices in `precision`; vectors and position embeddings in float32, and matrices whose rows do not
+    fill whole quantization blocks in float16 (the block formats cannot hold them)."""
     import gguf
 
     if tensor.ndim == 1 or name.startswith("position_embd"):

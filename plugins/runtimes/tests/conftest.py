@@ -7,7 +7,8 @@ import torch
 from ryzen_core import backends
 from ryzen_core.data import Tokenizer, train_tokenizer
 from ryzen_core.models import transformer
-from ryzen_core.models import Transformer, TransformerConfig, hf_model_from_config, lm_logits, tiny_llama_config
+from ryzen_core.models import (Transformer, TransformerConfig, generate, hf_model_from_config, lm_logits,
+                               tiny_llama_config)
 from ryzen_plugin_runtimes.texts import IDENTITY_TEXTS
 
 TRAINING_TEXT = "\n".join(IDENTITY_TEXTS * 3) + "\n" + (transformer.__doc__ or "") + (backends.__doc__ or "")
@@ -50,3 +51,18 @@ def llama_model(tokenizer) -> torch.nn.Module:
 def prompts(tokenizer) -> torch.Tensor:
     ids = tokenizer.encode(TRAINING_TEXT)
     return torch.tensor([ids[:10], ids[40:50]])
+
+
+@pytest.fixture
+def follows_torch(prompts):
+    """Checks that an fp32 backend gives the torch model's logits and greedy tokens, one on_token per token."""
+    def check(backend, model, atol: float, new_tokens: int = 10) -> None:
+        with torch.inference_mode():
+            expected = lm_logits(model, prompts)
+            expected_ids = generate(model, prompts, new_tokens)
+        torch.testing.assert_close(backend.logits(prompts), expected, atol=atol, rtol=0)
+        steps = []
+        assert torch.equal(backend.generate(prompts, new_tokens, on_token=steps.append), expected_ids)
+        assert steps == list(range(new_tokens))
+
+    return check

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ryzen_core.backends import Backend
-from ryzen_core.models import generate, lm_logits
+from ryzen_core.models import lm_logits
 from ryzen_core.plugins import PluginHost
 from ryzen_plugin_runtimes import plugin
 from ryzen_plugin_runtimes.plugin import load_backend
@@ -47,17 +47,11 @@ def test_on_export_builds_both_precisions_and_records_them(exported):
     json.dumps({k: v for k, v in result.items() if k != "backends"})  # the rest goes into the JSON report
 
 
-def test_float32_matches_torch_logits_and_greedy_tokens(exported, prompts):
+def test_float32_matches_torch_logits_and_greedy_tokens(exported, follows_torch):
     model, result, _ = exported
     backend = load_backend(result["exports"]["ctranslate2-float32"])
     assert isinstance(backend, Backend) and backend.name == "ctranslate2-float32"
-    with torch.inference_mode():
-        expected = lm_logits(model, prompts)
-        expected_ids = generate(model, prompts, 12)
-    torch.testing.assert_close(backend.logits(prompts), expected, atol=1e-4, rtol=0)
-    steps = []
-    assert torch.equal(backend.generate(prompts, 12, on_token=steps.append), expected_ids)
-    assert steps == list(range(12))
+    follows_torch(backend, model, atol=1e-4, new_tokens=12)
 
 
 def test_int8_stays_close_to_torch(exported, prompts):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ryzen_core.models import generate, lm_logits
+from ryzen_core.models import lm_logits
 from ryzen_plugin_runtimes.plugin import RuntimesSettings, export_all, load_backend
 from ryzen_plugin_runtimes.texts import IDENTITY_TEXTS
 
@@ -26,15 +26,8 @@ def test_builder_output_loads_from_its_directory(exported):
         assert load_backend(path).name == name
 
 
-def test_fp32_follows_torch(exported, llama_model, prompts):
-    backend = load_backend(exported["exports"]["genai-fp32"])
-    with torch.inference_mode():
-        expected = lm_logits(llama_model, prompts)
-        expected_ids = generate(llama_model, prompts, 10)
-    torch.testing.assert_close(backend.logits(prompts), expected, atol=1e-3, rtol=0)
-    steps = []
-    assert torch.equal(backend.generate(prompts, 10, on_token=steps.append), expected_ids)
-    assert steps == list(range(10))
+def test_fp32_follows_torch(exported, llama_model, follows_torch):
+    follows_torch(load_backend(exported["exports"]["genai-fp32"]), llama_model, atol=1e-3)
 
 
 def test_int4_keeps_the_top_token_mostly(exported, llama_model, prompts):
