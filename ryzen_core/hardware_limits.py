@@ -9,8 +9,10 @@ Reports state both: utilization against the computed peak and against the measur
   of a few repeats after one warm-up, 2 n^3 FLOPs each. bf16 is measured only on CPUs with
   native bf16 (AVX-512 BF16 or AMX); elsewhere it is emulated and the fp32 rate is the better bound.
 - Read bandwidth: `torch.sum` over a float32 buffer of the working-set size, best of at least
-  5 repeats (more for small sets, for 0.3 s) after one warm-up; bytes read per second. A working set that fits in cache measures
-  the cache, one far larger than the last-level cache measures DRAM.
+  5 repeats (more for small sets, for 0.3 s) after one warm-up; bytes read per second. A
+  working set that fits in the last-level cache measures the cache, one far larger (1 GiB)
+  measures DRAM; pass the bytes a decode step actually reads. The load average at the time
+  is stored with each figure: a busy machine measures low.
 
 Results are cached as JSON under `$RYZEN_CACHE_DIR/hardware/`, one file per CPU signature (model,
 flags, usable cores), torch version and thread count; delete it to measure again.
@@ -33,8 +35,6 @@ BANDWIDTH_REPEATS = 5
 BANDWIDTH_MIN_SECONDS = 0.3
 """Small working sets are read again until this much time has passed: on a shared machine a short
 run is often descheduled, and the best of many is the machine's rate."""
-MIB = 1024 * 1024
-STANDARD_WORKING_SETS = (16 * MIB, 64 * MIB, 1024 * MIB)
 NATIVE_BF16_FLAGS = {"avx512_bf16", "avx512bf16", "amx_bf16"}
 
 

@@ -11,7 +11,9 @@ validation, `ryzen bench train`, plugin tuners and benchmarks) goes through this
 - **Interval.** A 95% percentile bootstrap interval of that median (2000 resamples of the
   rounds with a fixed seed, so the same rounds always give the same interval).
 - **Verdict.** "faster" or "slower" only when the interval excludes 1; otherwise "no measurable
-  difference". One round has no interval and never gets a verdict.
+  difference". One round has no interval and never gets a verdict. With few rounds the
+  interval is about the range of the ratios, so a verdict needs every round to agree; that
+  happens by chance with probability 2^-n per side (3% at the 5 rounds most defaults start from).
 - **Enough rounds.** `measure_until_narrow` adds rounds, up to a cap, until every interval's
   half-width is at most `target` of its median.
 - **Busy machine.** The load average against the usable cores, and each side's coefficient of
