@@ -89,8 +89,9 @@ def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: Run
     settings = settings or RuntimesSettings()
     record = record or (lambda event, **data: None)
     export_dir = Path(export_dir)
-    result: dict[str, Any] = {"exports": {}, "skipped": {}, "sizes_bytes": {}, "parity": {}, "tokenizer": {},
-                              "backends": {}}
+    # No live backends in the result: the validator loads each export in its own worker process, and
+    # engines held here would keep a copy of every model in this process for the whole validation.
+    result: dict[str, Any] = {"exports": {}, "skipped": {}, "sizes_bytes": {}, "parity": {}, "tokenizer": {}}
 
     def skip(name: str, reason: str) -> None:
         result["skipped"][name] = reason
@@ -150,10 +151,10 @@ def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: Run
             skip(name, f"dropped, {failure}")
             continue
         result["exports"][name] = str(out_dir)
-        result["backends"][name] = backend
         result["sizes_bytes"][name] = directory_bytes(out_dir)
         result["parity"][name] = parity
         result["tokenizer"][name] = tokenizer_identity(backend, tokenizer)
+        del backend
         record("export", export=name, path=str(out_dir), bytes=result["sizes_bytes"][name], parity=parity,
                tokenizer=result["tokenizer"][name])
     return result
