@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import save_model
+from stevedore import ExtensionManager
 
 from helpers import make_distribution
 from ryzen_core import hookimpl
@@ -240,6 +241,8 @@ def test_installed_on_infer_plugins_run_in_the_worker_and_count_only_when_they_w
     make_distribution(tmp_path, "ryzen-plugin-keeps", "keeps", "keeps_generation", KEEPS_GENERATION)
     make_distribution(tmp_path, "ryzen-plugin-wraps", "wraps", "wraps_generation", WRAPS_GENERATION)
     monkeypatch.syspath_prepend(str(tmp_path))
+    # stevedore lists a group once per process; an earlier test's listing would hide these two.
+    monkeypatch.setattr(ExtensionManager, "ENTRY_POINT_CACHE", {})
     host = PluginHost()
     host.load_installed(["keeps", "wraps"])
     config = RunConfig.model_validate({"model": {"preset": "tiny"}})
