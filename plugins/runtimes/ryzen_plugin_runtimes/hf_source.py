@@ -7,6 +7,7 @@ and llama.cpp both know. A Llama-architecture HF model is saved as it is.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,8 @@ def write_hf_source(model: nn.Module, tokenizer: Any, directory: Path) -> Path:
     hf_model = gpt2_from_builtin(model) if isinstance(model, Transformer) else model
     if not is_hf_model(hf_model):
         raise EngineSkipped(f"unsupported model type {type(model).__name__}")
+    if any(p.dtype != torch.float32 for p in hf_model.parameters()):
+        hf_model = copy.deepcopy(hf_model).float()  # the converters read float32; the run's model stays as it is
     save_hf_model(hf_model, directory)
     tokenizer.save(directory)
     # GPT-2's convention: one end-of-text token is also bos and unk. Converters copy these

@@ -83,8 +83,7 @@ def fresh_dir(directory: Path, ours: bool) -> Path:
 def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: RuntimesSettings | None = None,
                record: Any = None) -> dict[str, Any]:
     """Convert `model` for every wanted engine that is installed; returns what on_export returns."""
-    from .hf_source import hf_architecture, unwrap, write_hf_source
-    from .manifest import EngineSkipped, directory_bytes, read_manifest
+    from .manifest import EngineSkipped, directory_bytes
 
     settings = settings or RuntimesSettings()
     record = record or (lambda event, **data: None)
@@ -107,57 +106,81 @@ def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: Run
     if not wanted:
         return result
     try:
-        source = export_dir / SOURCE_DIR
-        write_hf_source(model, tokenizer, fresh_dir(source, (source / SOURCE_MARKER).is_file()))
-        (source / SOURCE_MARKER).touch()
-        architecture = hf_architecture(model)
+        source, details = prepare_source(model, tokenizer, export_dir)
     except EngineSkipped as exc:
         for engine, precision in wanted:
             skip(export_name(engine, precision), str(exc))
         return result
-    inner = unwrap(model)
-    details = {"architecture": architecture, "eos_token_id": tokenizer.eos_id,
-               "context_length": inner.config.context_length if architecture == "gpt2" else None}
     parity_ids = fixed_token_ids(tokenizer, settings.parity_tokens, details["context_length"], model)
     for engine, precision in wanted:
-        name, module = export_name(engine, precision), engine_module(engine)
-        out_dir = export_dir / name
+        name = export_name(engine, precision)
         try:
-            fresh_dir(out_dir, read_manifest(out_dir) is not None)
+            out_dir = build_export(engine, precision, source, export_dir, {**details, "name": name}, settings)
+            checks = check_export(out_dir, precision, model, tokenizer, parity_ids, settings)
         except EngineSkipped as exc:
             skip(name, str(exc))
-            continue
-        named = {**details, "name": name}
-        try:
-            if engine == "openvino":
-                module.export(export_dir, out_dir, precision, named, block_size=settings.block_size)
-            elif engine == "genai":
-                module.export(source, out_dir, precision, named, block_size=settings.block_size)
-            else:
-                module.export(source, out_dir, precision, named)
-        except EngineSkipped as exc:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            skip(name, str(exc))
-            continue
-        try:
-            backend = load_backend(out_dir)
-            parity = logits_parity(model, backend, parity_ids)
-            failure = parity_failure(parity, precision, settings)
-        except Exception as exc:  # engines raise their own types; any of them means this export does not run
-            backend, failure = None, f"it fails on a batch of {len(parity_ids)}: {short_message(exc)}"
-        if failure:
-            del backend
-            shutil.rmtree(out_dir, ignore_errors=True)
-            skip(name, f"dropped, {failure}")
             continue
         result["exports"][name] = str(out_dir)
         result["sizes_bytes"][name] = directory_bytes(out_dir)
-        result["parity"][name] = parity
-        result["tokenizer"][name] = tokenizer_identity(backend, tokenizer)
-        del backend
-        record("export", export=name, path=str(out_dir), bytes=result["sizes_bytes"][name], parity=parity,
-               tokenizer=result["tokenizer"][name])
+        result["parity"][name], result["tokenizer"][name] = checks["parity"], checks["tokenizer"]
+        record("export", export=name, path=str(out_dir), bytes=result["sizes_bytes"][name], **checks)
     return result
+
+
+def prepare_source(model: Any, tokenizer: Any, export_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The HF directory the converters read, and the details every manifest carries."""
+    from .hf_source import hf_architecture, unwrap, write_hf_source
+
+    source = export_dir / SOURCE_DIR
+    write_hf_source(model, tokenizer, fresh_dir(source, (source / SOURCE_MARKER).is_file()))
+    (source / SOURCE_MARKER).touch()
+    architecture = hf_architecture(model)
+    context_length = unwrap(model).config.context_length if architecture == "gpt2" else None  # learned positions
+    return source, {"architecture": architecture, "eos_token_id": tokenizer.eos_id, "context_length": context_length}
+
+
+def build_export(engine: str, precision: str, source: Path, export_dir: Path, details: dict[str, Any],
+                 settings: RuntimesSettings) -> Path:
+    """One engine's export in export_dir/<name>; EngineSkipped (and nothing left behind) when it cannot be built."""
+    from .manifest import EngineSkipped, read_manifest
+
+    module, out_dir = engine_module(engine), export_dir / details["name"]
+    fresh_dir(out_dir, read_manifest(out_dir) is not None)
+    try:
+        if engine == "openvino":
+            module.export(export_dir, out_dir, precision, details, block_size=settings.block_size)
+        elif engine == "genai":
+            module.export(source, out_dir, precision, details, block_size=settings.block_size)
+        else:
+            module.export(source, out_dir, precision, details)
+    except EngineSkipped:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    except Exception as exc:  # one engine's converter failing must not take the other engines down
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise EngineSkipped(f"the {engine} conversion failed: {short_message(exc)}") from exc
+    return out_dir
+
+
+def check_export(out_dir: Path, precision: str, model: Any, tokenizer: Any, parity_ids,
+                 settings: RuntimesSettings) -> dict[str, Any]:
+    """Parity with torch and tokenizer identity of a built export; an export that fails or disagrees
+    with torch is deleted and EngineSkipped says why."""
+    from .manifest import EngineSkipped
+
+    try:
+        backend = load_backend(out_dir)
+        parity = logits_parity(model, backend, parity_ids)
+        failure = parity_failure(parity, precision, settings)
+        tokenizer_check = tokenizer_identity(backend, tokenizer)
+    except Exception as exc:  # engines raise their own types; any of them means this export does not run
+        failure = f"it fails on a batch of {len(parity_ids)}: {short_message(exc)}"
+    finally:
+        backend = None  # release the engine now: the validation loads it again where it is measured
+    if failure:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise EngineSkipped(f"dropped, {failure}")
+    return {"parity": parity, "tokenizer": tokenizer_check}
 
 
 def short_message(exc: BaseException) -> str:

@@ -147,3 +147,34 @@ def test_an_export_that_fails_to_run_is_dropped_with_the_engines_own_words(built
     result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"], ctranslate2=["int8"]))
     assert result["skipped"]["ctranslate2-int8"] == ("dropped, it fails on a batch of 2: RuntimeError: "
                                                      "[cpu] reshape conflicts with the pattern")
+
+
+def test_a_converter_that_raises_is_skipped_and_the_other_engines_go_on(builtin_model, tokenizer, tmp_path,
+                                                                        monkeypatch):
+    if plugin.engine_module("ctranslate2").missing():
+        pytest.skip("ctranslate2 is not installed")
+    module = plugin.engine_module("ctranslate2")
+    convert = module.export
+
+    def int8_breaks(source, out_dir, precision, details):
+        if precision == "int8":
+            raise OSError("disk full")
+        return convert(source, out_dir, precision, details)
+
+    monkeypatch.setattr(module, "export", int8_breaks)
+    result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"]))
+    assert list(result["exports"]) == ["ctranslate2-float32"]
+    assert result["skipped"] == {"ctranslate2-int8": "the ctranslate2 conversion failed: OSError: disk full"}
+    assert not (tmp_path / "ctranslate2-int8").exists()
+
+
+def test_a_bfloat16_model_is_written_as_float32_and_left_unchanged(llama_model, tokenizer, tmp_path):
+    import copy
+
+    model = copy.deepcopy(llama_model).to(torch.bfloat16)
+    write_hf_source(model, tokenizer, tmp_path)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
