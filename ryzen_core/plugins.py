@@ -175,10 +175,17 @@ class PluginHost:
 
     # -- settings ----------------------------------------------------------------
     def settings_models(self) -> dict[str, type[BaseModel]]:
-        """Each loaded plugin's settings class, by plugin name."""
+        """Each loaded plugin's settings class, by plugin name. A plugin whose ryzen_settings raises is
+        unregistered and recorded as failed: ignored unless selected, when `require` names it."""
         models = {}
-        for impl in self.pm.hook.ryzen_settings.get_hookimpls():
-            model = impl.function()
+        for impl in list(self.pm.hook.ryzen_settings.get_hookimpls()):
+            try:
+                model = impl.function()
+            except (Exception, SystemExit) as exc:
+                self.pm.unregister(self.pm.get_plugin(impl.plugin_name))
+                record = self.records.setdefault(impl.plugin_name, PluginRecord(impl.plugin_name))
+                record.status, record.error = "failed", f"ryzen_settings raised {describe_error(exc)}"
+                continue
             if model is not None:
                 models[impl.plugin_name] = model
         return models
@@ -223,7 +230,7 @@ class PluginHost:
         for name in self.active(names):
             try:
                 results[name] = self._call(hook, name, kwargs)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # sys.exit in a plugin is its failure, not the run's end
                 if not fallback:
                     raise
                 self.disable(name, hook, describe_error(exc))
@@ -234,7 +241,7 @@ class PluginHost:
         for name in self.active(names):
             try:
                 result = self._call(hook, name, dict(kwargs, **{value_arg: value}))
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 if not fallback:
                     raise
                 self.disable(name, hook, describe_error(exc))

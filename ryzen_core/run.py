@@ -25,8 +25,9 @@ def prepare(host: PluginHost, config_path: Path | None, overrides: Sequence[str]
     missing = [n for n in config.plugins if n not in host.records]
     if missing:
         host.load_installed(missing)
+    models = host.settings_models()  # before `require`: a selected plugin whose ryzen_settings raises fails there
     host.require(config.plugins)
-    host.settings = resolve_plugin_settings(config, host.settings_models())
+    host.settings = resolve_plugin_settings(config, models)
     check_model_fits_data(config)
     if out_dir is not None:
         config.output.dir = out_dir

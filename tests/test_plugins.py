@@ -164,3 +164,38 @@ def test_on_infer_wraps_the_generation_the_validator_times():
     prompt = torch.randint(0, 32, (1, 4))
     assert torch.equal(backend.generate(prompt, 3), plain.generate(prompt, 3))
     assert calls == [3]
+
+
+BAD_SETTINGS = """
+from ryzen_core import hookimpl
+
+@hookimpl
+def ryzen_settings():
+    raise RuntimeError("settings need libbar")
+"""
+
+
+def test_a_plugin_whose_settings_raise_fails_only_when_selected(ryzen, tmp_path):
+    make_distribution(tmp_path, "ryzen-plugin-badsettings", "badsettings", "ryzen_badsettings_mod", BAD_SETTINGS)
+    env = {"PYTHONPATH": str(tmp_path)}
+    shown = ryzen("config", "show", env=env)
+    assert shown.returncode == 0, shown.stderr
+    asked = ryzen("config", "show", "--plugins", "badsettings", env=env)
+    assert asked.returncode == 2
+    assert asked.stderr.strip().splitlines() == [
+        "Error: plugin 'badsettings' failed to load: ryzen_settings raised RuntimeError: settings need libbar"]
+
+
+def test_sys_exit_in_a_hook_disables_the_plugin_instead_of_ending_the_run():
+    class Exits:
+        @hookimpl
+        def on_epoch_end(self, epoch):
+            sys.exit(3)
+
+    host = PluginHost()
+    host.register(Exits(), "exits")
+    host.register(Appender("good"), "good")
+    host.call_each("on_epoch_end", ["exits"], epoch=1, metrics={}, model=None, config=None)
+    assert host.disabled == {"exits": "on_epoch_end: SystemExit: 3"}
+    forward = host.fold("transform_forward", ["exits", "good"], "forward", lambda x, y: [], model=None, config=None)
+    assert forward(0, 0) == ["good"]
