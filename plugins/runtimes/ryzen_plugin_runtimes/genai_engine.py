@@ -117,7 +117,7 @@ class GenaiBackend:
         return torch.from_numpy(session.run(["logits"], feeds)[0].astype(np.float32))
 
     def session(self):
-        """The builder's graph in plain onnxruntime, made on first use (the generator does not expose every position)."""
+        """The builder's graph in plain onnxruntime, made on first use (the generator gives only the last position)."""
         if self._session is None:
             import onnxruntime as ort
 

@@ -54,14 +54,16 @@ def write_gguf(source: Path, path: Path, precision: str) -> Path:
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
     arch = ARCHITECTURES.get(config.get("model_type"))
     if arch is None:
-        raise EngineSkipped(f"no GGUF mapping for model_type {config.get('model_type')!r} (have {sorted(ARCHITECTURES)})")
+        raise EngineSkipped(f"no GGUF mapping for model_type {config.get('model_type')!r} "
+                            f"(have {sorted(ARCHITECTURES)})")
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(source.name)
     writer.add_file_type(getattr(gguf.LlamaFileType, "MOSTLY_" + precision))
     (add_gpt2_hparams if arch == "gpt2" else add_llama_hparams)(writer, config)
     add_tokenizer(writer, source)
     tensors = hf_tensors(source, config)
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), hparam(config, "n_layer", "num_hidden_layers"))
+    layers = hparam(config, "n_layer", "num_hidden_layers")
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), layers)
     for hf_name, tensor in tensors.items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:

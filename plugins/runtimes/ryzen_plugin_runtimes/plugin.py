@@ -222,7 +222,8 @@ def parity_failure(parity: dict[str, float], precision: str, settings: RuntimesS
     """Why an export is too far from torch to keep, or None."""
     if precision.lower() in ("fp32", "float32"):
         if not parity["max_abs_logit_diff"] <= settings.fp32_tolerance:  # `not <=` also catches NaN
-            return f"max |logit difference| {parity['max_abs_logit_diff']:.3g} > fp32_tolerance {settings.fp32_tolerance}"
+            return (f"max |logit difference| {parity['max_abs_logit_diff']:.3g} > "
+                    f"fp32_tolerance {settings.fp32_tolerance}")
     elif not parity["top1_agreement"] >= settings.min_top1:
         return f"top-1 agreement {parity['top1_agreement']:.2f} < min_top1 {settings.min_top1}"
     return None

@@ -15,7 +15,8 @@ from ryzen_plugin_runtimes import plugin
 from ryzen_plugin_runtimes.plugin import load_backend
 from ryzen_plugin_runtimes.texts import IDENTITY_TEXTS
 
-pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install 'ryzen-plugin-runtimes[ctranslate2]')")
+pytest.importorskip("ctranslate2",
+                    reason="ctranslate2 is not installed (pip install 'ryzen-plugin-runtimes[ctranslate2]')")
 
 
 def run_on_export(model, tokenizer, export_dir, **settings):

@@ -132,3 +132,30 @@ def test_llamacpp_f16_logits_and_greedy_tokens_follow_torch(llamacpp_exports, pr
     out = exports["F16"].generate(prompts, 8, on_token=steps.append)
     assert steps == list(range(8)) and out.shape == expected_ids.shape
     assert (out == expected_ids).float().mean() >= 0.8
+
+
+def test_matrices_are_stored_as_nn_linear_weights_out_by_in(source, tmp_path):
+    """llama.cpp reads every matrix as [out, in] (ne0 = in), which is nn.Linear's layout: checked against the
+    torch model's own modules, not against the converter's reading of the HF files."""
+    model, directory = source
+    _, tensors, _ = read(write_gguf(directory, tmp_path / "model.gguf", "F16"))
+
+    def same(name: str, weight: torch.Tensor) -> None:
+        expected = weight.detach().float().numpy()
+        np.testing.assert_allclose(tensors[name].reshape(expected.shape), expected, atol=2e-3 * np.abs(expected).max())
+
+    if hasattr(model, "blocks"):  # the built-in model as llama.cpp's gpt2
+        block = model.blocks[0]
+        same("token_embd.weight", model.tok_emb.weight)
+        same("blk.0.attn_qkv.weight", block.attn.qkv.weight)
+        same("blk.0.attn_output.weight", block.attn.proj.weight)
+        same("blk.0.ffn_up.weight", block.mlp.up.weight)
+        same("blk.0.ffn_down.weight", block.mlp.down.weight)
+        same("output.weight", model.lm_head.weight)
+    else:
+        layer, heads = model.model.layers[0], model.config.num_attention_heads
+        q = rope_permute(layer.self_attn.q_proj.weight.detach().numpy(), heads)
+        same("blk.0.attn_q.weight", torch.from_numpy(q))
+        same("blk.0.attn_v.weight", layer.self_attn.v_proj.weight)
+        same("blk.0.ffn_gate.weight", layer.mlp.gate_proj.weight)
+        same("output.weight", model.lm_head.weight)

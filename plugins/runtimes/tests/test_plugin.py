@@ -59,7 +59,8 @@ def test_hf_source_directory_loads_back_with_transformers(builtin_model, tokeniz
     write_hf_source(builtin_model, tokenizer, tmp_path)
     ids = torch.tensor([tokenizer.encode("def forward(self, x):")])
     with torch.inference_mode():
-        torch.testing.assert_close(load_hf_model(tmp_path)(ids).logits, lm_logits(builtin_model, ids), atol=1e-4, rtol=0)
+        expected = lm_logits(builtin_model, ids)
+        torch.testing.assert_close(load_hf_model(tmp_path)(ids).logits, expected, atol=1e-4, rtol=0)
     hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     assert hf_tokenizer.eos_token == hf_tokenizer.bos_token == tokenizer.eos_token
 
@@ -144,7 +145,8 @@ def test_an_export_that_fails_to_run_is_dropped_with_the_engines_own_words(built
         raise RuntimeError("Exception from engine.cpp:224:\n[cpu] reshape conflicts with the pattern")
 
     monkeypatch.setattr(module.CTranslate2Backend, "logits", fails_at_batch_two)
-    result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"], ctranslate2=["int8"]))
+    settings = RuntimesSettings(engines=["ctranslate2"], ctranslate2=["int8"])
+    result = export_all(builtin_model, tokenizer, tmp_path, settings)
     assert result["skipped"]["ctranslate2-int8"] == ("dropped, it fails on a batch of 2: RuntimeError: "
                                                      "[cpu] reshape conflicts with the pattern")
 
