@@ -42,6 +42,9 @@ class TorchBackend:
     def __init__(self, model: torch.nn.Module, name: str = "torch", generate_fn: GenerateFn | None = None):
         self.model, self.name = model, name
         self.wraps_generation = generate_fn is not None
+        # A wrapped generate function runs what its plugin made; it says its own facts, if any.
+        facts = model_facts(model) if generate_fn is None else backend_facts(generate_fn)
+        self.precision, self.weight_bytes, self.kv_bytes_per_position = (facts[f] for f in FACTS)
         self._generate = generate_fn or self.plain_generate
         self._logits = getattr(generate_fn, "logits", None)
 
@@ -57,6 +60,41 @@ class TorchBackend:
 
     def generate(self, input_ids, max_new_tokens, **sampling):
         return self._generate(input_ids, max_new_tokens, **sampling)
+
+
+FACTS = ("precision", "weight_bytes", "kv_bytes_per_position")
+"""What a backend may say of itself for the runtime table (docs/plugins.md): the precision of its
+weights ('fp32', 'int8', 'q4_0', ...), the bytes of weights one decode step reads, and the KV-cache
+bytes one position adds. Each is optional."""
+
+
+def backend_facts(backend) -> dict:
+    """FACTS from the backend's attributes (or properties); None where it does not say."""
+    return {fact: getattr(backend, fact, None) for fact in FACTS}
+
+
+def model_facts(model: torch.nn.Module) -> dict:
+    """FACTS of a plain torch model: every weight once (a tied head counts as the head), except lookup
+    tables, which a decode step reads one row of."""
+    from .models import is_hf_model
+
+    inner = getattr(model, "_orig_mod", model)
+    parameters = {id(p): p for p in inner.parameters()}
+    read_by_matmul = {id(m.weight) for m in inner.modules() if isinstance(m, torch.nn.Linear)}
+    lookup_only = {id(m.weight) for m in inner.modules() if isinstance(m, torch.nn.Embedding)} - read_by_matmul
+    dtypes = {p.dtype for key, p in parameters.items() if key in read_by_matmul}
+    config = inner.config.get_text_config(decoder=True) if is_hf_model(inner) else getattr(inner, "config", None)
+    kv = None
+    if config is not None and hasattr(config, "n_layers"):
+        kv = 2 * config.n_layers * config.d_model * 4
+    elif config is not None and hasattr(config, "num_hidden_layers"):
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv = 2 * config.num_hidden_layers * (getattr(config, "num_key_value_heads", None) or heads) * head_dim * 4
+    return {"precision": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtypes.pop())
+            if len(dtypes) == 1 else None,
+            "weight_bytes": sum(p.numel() * p.element_size() for k, p in parameters.items() if k not in lookup_only),
+            "kv_bytes_per_position": kv}
 
 
 def torch_backend(model: torch.nn.Module, name: str, host=None, plugins=(), tokenizer=None,
@@ -81,6 +119,7 @@ class HFGenerateBackend:
 
     def __init__(self, model: torch.nn.Module, name: str = "hf-generate"):
         self.model, self.name = model, name
+        self.precision, self.weight_bytes, self.kv_bytes_per_position = (model_facts(model)[f] for f in FACTS)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -196,6 +196,7 @@ def bench_infer_command(ctx, run_dir, overrides, json_out):
     from .checkpoint import saved_run_config
     from .report import write_json
     from .run import bench_inference
+    from .runtime_table import runtime_markdown
     from .validator import validation_markdown
 
     host = _host(ctx)
@@ -204,6 +205,7 @@ def bench_infer_command(ctx, run_dir, overrides, json_out):
     if json_out:
         write_json(json_out, report)
     click.echo(validation_markdown(report))
+    click.echo(runtime_markdown(report["runtime_table"]))
 
 
 def build_cli(host) -> click.Group:

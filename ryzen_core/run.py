@@ -283,6 +283,7 @@ def validate_variants(config: RunConfig, host: PluginHost, results: dict, varian
     """Every trained variant and every export, measured in one interleaved session against torch eager."""
     import tempfile
 
+    from .runtime_table import plot_runtime
     from .validator import plot_validation
     from .workers import Variant, export_entry, plan_variants
 
@@ -308,12 +309,14 @@ def validate_variants(config: RunConfig, host: PluginHost, results: dict, varian
     report["exports"] = exports
     write_json(run_dir / "inference_validation_report.json", report)
     plot_validation(report, run_dir / "inference_validation.png")
+    plot_runtime(report["runtime_table"], run_dir / "runtime_tradeoff.png")
     return report
 
 
 def _validate_plan(plan, host: PluginHost, config: RunConfig, data) -> dict[str, Any]:
     """Run the validation; what plugins recorded inside worker processes joins this run's events."""
     from .plugins import Event
+    from .runtime_table import runtime_table
     from .validator import validate
 
     report = validate(plan.backends, "torch", data.test, config.validate_, data.test,
@@ -322,12 +325,14 @@ def _validate_plan(plan, host: PluginHost, config: RunConfig, data) -> dict[str,
     for worker in report["workers"].values():
         host.events += [Event(**event) for event in worker["plugin_events"]]
         host.disabled.update(worker["plugin_disabled"])
+    report["runtime_table"] = runtime_table(report, {name: w.get("facts", {}) for name, w in report["workers"].items()})
     return report
 
 
 def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginHost, env: dict,
                     validation: dict[str, Any] | None = None, sections: Sequence[tuple[str, str, str]] = ()) -> str:
     from .report import events_markdown, quality_table, training_table
+    from .runtime_table import runtime_markdown
     from .validator import validation_markdown
 
     lines = [
@@ -349,6 +354,9 @@ def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginH
     if validation is not None:
         lines += [validation_markdown(validation), "",
                   "![inference](inference_validation.png)", ""]
+        if validation.get("runtime_table"):
+            lines += [runtime_markdown(validation["runtime_table"]), "", "![speed against quality](runtime_tradeoff.png)",
+                      ""]
     for plugin, variant, markdown in sections:
         # Plugins write paths relative to their variant's directory; report.md sits one level up.
         markdown = re.sub(r"(!\[[^\]]*\]\()(?![a-z]+:|/)", rf"\1{variant}/", markdown)

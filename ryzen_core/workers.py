@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .backends import Backend, HFGenerateBackend, TorchBackend, torch_backend
+from .backends import Backend, HFGenerateBackend, TorchBackend, backend_facts, torch_backend
 from .models import is_hf_model
 from .plugins import describe_error
 from .validator import (GenerationTiming, PeakRssSampler, current_rss_mib, perplexity, process_peak_rss_mib,
@@ -162,7 +162,7 @@ def _serve(conn, recipe: BackendRecipe, threads: int) -> None:
         backend = recipe.build()
         ready = {"name": backend.name, "pid": os.getpid(), "threads": torch.get_num_threads(),
                  "load_s": time.perf_counter() - start, "peak_rss_after_load_mib": process_peak_rss_mib(),
-                 "wraps_generation": getattr(backend, "wraps_generation", None),
+                 "wraps_generation": getattr(backend, "wraps_generation", None), "facts": backend_facts(backend),
                  "events": getattr(backend, "plugin_events", []), "disabled": getattr(backend, "plugin_disabled", {})}
     except BaseException as exc:
         conn.send(("error", f"building the backend raised {describe_error(exc)}"))
@@ -265,7 +265,7 @@ class ProcessWorker:
 
     def describe(self) -> dict[str, Any]:
         return {"isolation": self.isolation, "threads": self.ready.get("threads", self.threads),
-                "load_s": self.ready.get("load_s"), "failure": self.failure}
+                "load_s": self.ready.get("load_s"), "failure": self.failure, "facts": self.ready.get("facts", {})}
 
     def close(self) -> None:
         if self._process.is_alive() and self.failure is None:  # a failed worker gets no second chance to answer
@@ -322,7 +322,7 @@ class InlineWorker:
 
     def describe(self) -> dict[str, Any]:
         return {"isolation": self.isolation, "reason": self.reason, "threads": torch.get_num_threads(),
-                "failure": self.failure}
+                "failure": self.failure, "facts": backend_facts(self.backend) if self.backend is not None else {}}
 
     def close(self) -> None:
         pass

@@ -238,6 +238,23 @@ def export_files(export_dir: Path) -> list[Path]:
     return sorted(p for p in export_dir.iterdir() if p.name.startswith(MODEL_FILE))
 
 
+def weights_read_per_token(model_path: str | Path) -> int:
+    """Bytes of the graph's constants that one decode step reads: all of them except tables only
+    indexed by a Gather (an embedding lookup reads one row)."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    read_otherwise = {name for n in graph.node if n.op_type != "Gather" for name in n.input}
+    total = 0
+    for init in graph.initializer:
+        if init.name in gathered and init.name not in read_otherwise:
+            continue
+        external = {entry.key: entry.value for entry in init.external_data}
+        total += int(external["length"]) if "length" in external else len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+    return total
+
+
 def export_size_bytes(export_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in export_files(Path(export_dir)))
 

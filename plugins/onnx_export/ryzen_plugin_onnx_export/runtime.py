@@ -20,7 +20,7 @@ import torch
 
 from ryzen_core.models.generate import sample_next
 
-from .export import MODEL_FILE, ExportError, read_manifest
+from .export import MODEL_FILE, ExportError, read_manifest, weights_read_per_token
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 # Set by the core's validator in a worker process that runs one backend alone, and the
@@ -100,6 +100,9 @@ class _ExportBackend:
         model_path = self.export_dir / MODEL_FILE
         if not model_path.is_file():
             raise ExportError(f"{self.export_dir} has export.json but no {MODEL_FILE}")
+        # What the runtime table reads (ryzen_core.backends.FACTS).
+        self.weight_bytes = weights_read_per_token(model_path)
+        self.kv_bytes_per_position = 2 * self.layers * self.kv_heads * self.head_dim * 4
         self.spinning = spinning_default() if allow_spinning is None else allow_spinning
         try:
             self.session = ort.InferenceSession(
