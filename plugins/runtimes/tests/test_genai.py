@@ -63,3 +63,13 @@ def test_the_builtin_model_is_skipped_with_the_reason(builtin_model, tokenizer, 
     assert result["exports"] == {}
     assert "does not build 'gpt2'" in result["skipped"]["genai-int8"]
     assert not (tmp_path / "genai-int8").exists()
+
+
+def test_sampling_repeats_for_the_same_seed(exported, prompts):
+    backend = load_backend(exported["exports"]["genai-int4"])
+
+    def sample(seed: int) -> torch.Tensor:
+        return backend.generate(prompts, 8, temperature=1.5, top_k=0, generator=torch.Generator().manual_seed(seed))
+
+    first = sample(5)
+    assert torch.equal(first, sample(5)) and first.shape == (2, prompts.shape[1] + 8)
