@@ -249,6 +249,9 @@ def on_export(model, tokenizer, export_dir, settings, record):
     return export_all(model, tokenizer, export_dir, settings, record)
 
 
+WEIGHTLESS_SUFFIXES = {".json", ".txt", ".model", ".md"}
+
+
 @hookimpl
 def load_backend(path):
     """The backend for one of our export directories, built from the directory alone (a fresh worker
@@ -266,4 +269,10 @@ def load_backend(path):
     if reason:
         log.warning("cannot run the %s export %s here: %s", engine, path, reason)
         return None
-    return getattr(module, BACKEND_CLASSES[engine])(Path(path), manifest)
+    backend = getattr(module, BACKEND_CLASSES[engine])(Path(path), manifest)
+    # For the core's runtime table (ryzen_core.backends.FACTS): the engine's files are its weights,
+    # less the tokenizer and manifests; an embedding table inside them is counted whole (an upper bound).
+    backend.precision = manifest["precision"]
+    backend.weight_bytes = sum(f.stat().st_size for f in Path(path).rglob("*")
+                               if f.is_file() and f.suffix not in WEIGHTLESS_SUFFIXES)
+    return backend

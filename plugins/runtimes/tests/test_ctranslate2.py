@@ -65,6 +65,16 @@ def test_int8_stays_close_to_torch(exported, prompts):
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
 
 
+def test_backends_state_their_precision_and_weight_bytes(exported):
+    """What the core's runtime table groups and bounds by."""
+    from ryzen_core.runtime_table import quality_class
+
+    _, result, _ = exported
+    float32, int8 = (load_backend(result["exports"][f"ctranslate2-{p}"]) for p in ("float32", "int8"))
+    assert (quality_class(float32.precision), quality_class(int8.precision)) == ("fp32-exact", "8-bit")
+    assert 0 < int8.weight_bytes < float32.weight_bytes
+
+
 def test_generation_stops_at_eos_and_pads_finished_rows(exported, prompts):
     _, result, _ = exported
     backend = load_backend(result["exports"]["ctranslate2-float32"])
