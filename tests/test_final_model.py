@@ -70,8 +70,9 @@ def test_ema_plugin_swaps_once_and_every_artifact_holds_the_swapped_weights(cach
     host, ema, capture = PluginHost(), EmaOfWeights(), Capture()
     host.register(ema, "ema")
     host.register(capture, "capture")
-    config = prepare(host, None, [*TINY, f"data.cache_dir={cache_dir}", "model.source=hf",
-                                  f"model.hf_config={llama}"], ["ema", "capture"], tmp_path / "run")
+    # Inline validation: the plugins registered here (not installed) live in this process only.
+    config = prepare(host, None, [*TINY, f"data.cache_dir={cache_dir}", "model.source=hf", f"model.hf_config={llama}",
+                                  "validate.isolation=inline"], ["ema", "capture"], tmp_path / "run")
     run_dir = run_pipeline(config, host)
 
     assert ema.steps == list(range(1, 7))
