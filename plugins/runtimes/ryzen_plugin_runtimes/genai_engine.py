@@ -3,6 +3,7 @@ with a shared past/present buffer, fused norms), its `Generator` runs the decode
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,12 +31,23 @@ def missing() -> str | None:
     return None
 
 
-def export(source: Path, out_dir: Path, precision: str, details: dict[str, Any], block_size: int = 32) -> Path:
-    """Run the builder (in its own process: it imports its own torch/transformers state) on `source`."""
+def export(source: Path, out_dir: Path, precision: str, details: dict[str, Any], block_size: int = 32,
+           model: Any = None) -> Path:
+    """Run the builder (in its own process: it imports its own torch/transformers state) on `source`.
+    A model the builder cannot write (the built-in one, a GPT-2 for it) gets the onnx plugin's fused
+    graph instead, which onnxruntime-genai runs as it is: the same contrib ops, names and genai_config."""
     model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
     if model_type not in BUILDER_ARCHITECTURES:
-        raise EngineSkipped(f"onnxruntime-genai's model builder does not build {model_type!r} models "
-                            f"(built here: {', '.join(BUILDER_ARCHITECTURES)})")
+        if model is None:
+            raise EngineSkipped(f"onnxruntime-genai's model builder does not build {model_type!r} models "
+                                f"(built here: {', '.join(BUILDER_ARCHITECTURES)})")
+        _ryzen_graph(model, out_dir, precision, block_size)
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # genai's tokenizer reads them from the model
+            if (source / name).is_file():
+                shutil.copy2(source / name, out_dir / name)
+        write_manifest(out_dir, ENGINE, precision, block_size=block_size, graph="ryzen fused graph (onnx plugin): "
+                       f"onnxruntime-genai's builder has no {model_type!r}", **details)
+        return out_dir
     with tempfile.TemporaryDirectory(prefix="genai-builder-") as cache:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out_dir),
                    "-p", precision, "-e", "cpu", "-c", cache, "--extra_options", f"int4_block_size={block_size}"]
@@ -43,8 +55,29 @@ def export(source: Path, out_dir: Path, precision: str, details: dict[str, Any],
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise EngineSkipped(f"the onnxruntime-genai model builder failed: {last}")
-    write_manifest(out_dir, ENGINE, precision, block_size=block_size, **details)
+    write_manifest(out_dir, ENGINE, precision, block_size=block_size, graph="onnxruntime-genai model builder",
+                   **details)
     return out_dir
+
+
+def _ryzen_graph(model: Any, out_dir: Path, precision: str, block_size: int) -> None:
+    try:
+        from ryzen_plugin_onnx_export.fused_export import GENAI_CONFIG, export_fused, quantize_weights
+        from ryzen_plugin_onnx_export.graph_builder import UnsupportedModel
+    except ImportError:
+        raise EngineSkipped("onnxruntime-genai's builder has no GPT-2, and the onnx plugin, whose fused graph "
+                            "it could run instead, is not installed") from None
+    with tempfile.TemporaryDirectory(prefix="genai-ryzen-graph-") as work:
+        try:
+            built = export_fused(model, None, Path(work) / "fp32")
+        except UnsupportedModel as exc:
+            raise EngineSkipped(f"the fused graph cannot write this model: {exc}") from None
+        if precision != "fp32":
+            built = quantize_weights(built, Path(work) / precision, precision=precision, block_size=block_size)
+        # Only the graph and genai's config: the onnx plugin's export.json would make its load_backend claim it.
+        for name in ("model.onnx", "model.onnx.data", GENAI_CONFIG):
+            if (built / name).is_file():
+                shutil.copy2(built / name, out_dir / name)
 
 
 class GenaiBackend:
@@ -111,6 +144,8 @@ class GenaiBackend:
         session = self.session()
         feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         for item in session.get_inputs():
+            if item.name == "position_ids":  # the fused graph of a model with learned positions
+                feeds[item.name] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
             if item.name.startswith("past_key_values"):
                 heads, head_size = self.decoder["num_key_value_heads"], self.decoder["head_size"]
                 feeds[item.name] = np.zeros((len(ids), heads, 0, head_size), dtype=np.float32)

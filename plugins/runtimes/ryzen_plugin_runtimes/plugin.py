@@ -115,7 +115,7 @@ def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: Run
     for engine, precision in wanted:
         name = export_name(engine, precision)
         try:
-            out_dir = build_export(engine, precision, source, export_dir, {**details, "name": name}, settings)
+            out_dir = build_export(engine, precision, source, export_dir, {**details, "name": name}, settings, model)
             checks = check_export(out_dir, precision, model, tokenizer, parity_ids, settings)
         except EngineSkipped as exc:
             skip(name, str(exc))
@@ -140,7 +140,7 @@ def prepare_source(model: Any, tokenizer: Any, export_dir: Path) -> tuple[Path, 
 
 
 def build_export(engine: str, precision: str, source: Path, export_dir: Path, details: dict[str, Any],
-                 settings: RuntimesSettings) -> Path:
+                 settings: RuntimesSettings, model: Any = None) -> Path:
     """One engine's export in export_dir/<name>; EngineSkipped (and nothing left behind) when it cannot be built."""
     from .manifest import EngineSkipped, read_manifest
 
@@ -150,7 +150,7 @@ def build_export(engine: str, precision: str, source: Path, export_dir: Path, de
         if engine == "openvino":
             module.export(export_dir, out_dir, precision, details, block_size=settings.block_size)
         elif engine == "genai":
-            module.export(source, out_dir, precision, details, block_size=settings.block_size)
+            module.export(source, out_dir, precision, details, block_size=settings.block_size, model=model)
         else:
             module.export(source, out_dir, precision, details)
     except EngineSkipped:

@@ -58,11 +58,15 @@ def test_tokenizer_identity_on_the_fixed_texts(exported, tokenizer):
             assert backend.encode(text) == tokenizer.encode(text), text
 
 
-def test_the_builtin_model_is_skipped_with_the_reason(builtin_model, tokenizer, tmp_path):
-    result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["genai"], genai=["int8"]))
-    assert result["exports"] == {}
-    assert "does not build 'gpt2'" in result["skipped"]["genai-int8"]
-    assert not (tmp_path / "genai-int8").exists()
+def test_the_builtin_model_runs_on_the_onnx_plugins_fused_graph(builtin_model, tokenizer, tmp_path, follows_torch):
+    """The builder has no GPT-2; genai runs the onnx plugin's fused graph of the built-in model instead."""
+    result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["genai"], genai=["fp32"]))
+    assert list(result["exports"]) == ["genai-fp32"] and result["skipped"] == {}
+    path = result["exports"]["genai-fp32"]
+    assert not (tmp_path / "genai-fp32" / "export.json").exists()  # the onnx plugin must not claim it
+    backend = load_backend(path)
+    assert backend.name == "genai-fp32"
+    follows_torch(backend, builtin_model, atol=1e-4)
 
 
 def test_sampling_repeats_for_the_same_seed(exported, prompts):
