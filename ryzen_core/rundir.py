@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 LOCK_FILE = ".ryzen.lock"
 # Settings that say where a run writes or caches, not what it computes: they may differ.
-NOT_COMPARED = {"output.dir", "data.cache_dir"}
+NOT_COMPARED = {"output.dir", "data.cache_dir", "model.hf_overrides"}  # overrides are derived, not given
 
 _held: dict[Path, int] = {}  # directory -> descriptor of its lock, kept until the process ends
 
