@@ -60,12 +60,22 @@ def summarize(values: Iterable[float]) -> dict[str, float | int]:
 def median_interval(values: Sequence[float], level: float = CI_LEVEL, resamples: int = BOOTSTRAP_RESAMPLES,
                     seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
     """Percentile bootstrap interval of the median of `values`."""
+    return _bootstrap(values, np.median, level, resamples, seed)
+
+
+def mean_interval(values: Sequence[float], level: float = CI_LEVEL, resamples: int = BOOTSTRAP_RESAMPLES,
+                  seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (e.g. per-batch loss differences)."""
+    return _bootstrap(values, np.mean, level, resamples, seed)
+
+
+def _bootstrap(values: Sequence[float], statistic, level: float, resamples: int, seed: int) -> tuple[float, float]:
     data = np.asarray(values, dtype=np.float64)
     if data.size == 0:
         raise ValueError("an interval needs at least one value")
     picks = np.random.default_rng(seed).integers(0, data.size, size=(resamples, data.size))
-    medians = np.median(data[picks], axis=1)
-    low, high = np.percentile(medians, [50 * (1 - level), 50 * (1 + level)])
+    estimates = statistic(data[picks], axis=1)
+    low, high = np.percentile(estimates, [50 * (1 - level), 50 * (1 + level)])
     return float(low), float(high)
 
 

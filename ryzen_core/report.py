@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .checkpoint import atomic_write_text
 
@@ -68,24 +69,41 @@ def environment(host=None) -> dict[str, Any]:
 
 
 def plot_loss_curves(runs: Mapping[str, Any], path: Path) -> None:
-    """Training loss per step and validation loss per evaluation, one colour per run."""
+    """Left: training loss per step and validation loss per evaluation, a colour, marker and line style per run
+    (identical runs stay visible), perplexity on the right axis. Right: each run's validation loss minus the
+    first run's (the baseline) at the same evaluations."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, diff) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    baseline = next(iter(runs.values()), None)
+    base_evals = {e["step"]: e["val_loss"] for e in baseline.evals} if baseline is not None else {}
     for i, (label, metrics) in enumerate(runs.items()):
-        colour = f"C{i}"
+        colour, marker, style = f"C{i}", "os^vDP*X"[i % 8], ("-", "--", ":", "-.")[i % 4]
         steps = [s for s in metrics.steps if s["loss"] == s["loss"]]  # NaN != NaN drops skipped steps
-        ax.plot([s["tokens"] for s in steps], [s["loss"] for s in steps], color=colour, alpha=0.35, lw=1)
-        ax.plot([e["tokens"] for e in metrics.evals], [e["val_loss"] for e in metrics.evals], "o-", color=colour,
-                label=f"{label} (validation)")
+        ax.plot([s["tokens"] for s in steps], [s["loss"] for s in steps], color=colour, alpha=0.3, lw=1, ls=style)
+        ax.plot([e["tokens"] for e in metrics.evals], [e["val_loss"] for e in metrics.evals], marker=marker, ls=style,
+                color=colour, markerfacecolor="none", label=f"{label} (validation)")
+        paired = [(e["tokens"], e["val_loss"] - base_evals[e["step"]]) for e in metrics.evals if e["step"] in base_evals]
+        if i and paired:
+            diff.plot(*zip(*paired), marker=marker, ls=style, color=colour, label=label)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Loss: faint = training steps, dots = validation")
+    perplexity = ax.secondary_yaxis("right", functions=(lambda loss: np.exp(np.clip(loss, None, 50.0)),
+                                                        lambda ppl: np.log(np.clip(ppl, 1e-12, None))))
+    perplexity.set_ylabel("perplexity")
+    ax.set_title("Loss: faint = training steps, markers = validation")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    diff.axhline(0.0, color="C0", lw=1, ls="--", label=f"{next(iter(runs), 'baseline')}")
+    diff.set_xlabel("training tokens")
+    diff.set_ylabel("validation loss minus baseline's")
+    diff.set_title("Difference from the baseline (< 0 is better)")
+    diff.grid(alpha=0.3)
+    diff.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -123,8 +141,9 @@ def training_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def quality_table(summaries: Mapping[str, Mapping[str, Any]], baseline: str = "baseline") -> str | None:
-    """Each variant's validation loss and test perplexity against the baseline's, with the differences;
-    None when there is nothing to compare."""
+    """Each variant's validation loss and test perplexity against the baseline's, with the differences and,
+    for test perplexity, a 95% bootstrap interval over the test batches both models saw; None when there is
+    nothing to compare."""
     base = summaries.get(baseline)
     others = {label: s for label, s in summaries.items() if label != baseline}
     if base is None or not others:
@@ -137,10 +156,25 @@ def quality_table(summaries: Mapping[str, Mapping[str, Any]], baseline: str = "b
         return fixed(value - reference, decimals, signed=True) + relative
 
     rows = [[label, fixed(s["final_val_loss"], 4), delta(s["final_val_loss"], base["final_val_loss"], 4),
-             fixed(s["test_perplexity"], 2), delta(s["test_perplexity"], base["test_perplexity"], 2)]
+             fixed(s["test_perplexity"], 2), delta(s["test_perplexity"], base["test_perplexity"], 2),
+             perplexity_interval(base.get("test_batch_losses"), s.get("test_batch_losses"))]
             for label, s in others.items()]
-    rows.insert(0, [baseline, fixed(base["final_val_loss"], 4), "-", fixed(base["test_perplexity"], 2), "-"])
-    return markdown_table(["run", "val loss", f"vs {baseline}", "test ppl", f"vs {baseline}"], rows)
+    rows.insert(0, [baseline, fixed(base["final_val_loss"], 4), "-", fixed(base["test_perplexity"], 2), "-", "-"])
+    return markdown_table(["run", "val loss", f"vs {baseline}", "test ppl", f"vs {baseline}",
+                           "test ppl change [95% interval]"], rows)
+
+
+def perplexity_interval(base_losses: Sequence[float] | None, losses: Sequence[float] | None) -> str:
+    """Relative test perplexity change with its interval: the mean per-batch loss difference (same batches)
+    bootstrapped over batches, exponentiated; '-' when the batches do not pair."""
+    from .measure import mean_interval
+
+    if not base_losses or not losses or len(base_losses) != len(losses) or len(losses) < 2:
+        return "-"
+    differences = [b - a for a, b in zip(base_losses, losses)]
+    low, high = mean_interval(differences)
+    mean = sum(differences) / len(differences)
+    return f"{math.expm1(mean):+.2%} [{math.expm1(low):+.2%}, {math.expm1(high):+.2%}]"
 
 
 MAX_FIELDS_PER_EVENT = 6

@@ -87,9 +87,11 @@ def train_and_evaluate(config: RunConfig, host: PluginHost, plugins: Sequence[st
 
     trainer = Trainer(config, host, plugins, run_dir, data, label=label)
     result = trainer.fit(resume=resume)
-    test_loss = trainer.evaluate(data.test, max_batches=config.validate_.perplexity_batches,
-                                 desc=f"{label} test perplexity")
+    batches = trainer.batch_losses(data.test, max_batches=config.validate_.perplexity_batches,
+                                   desc=f"{label} test perplexity")
+    test_loss = sum(loss * rows for loss, rows in batches) / sum(rows for _, rows in batches)
     summary = dict(result.summary(), test_loss=test_loss, test_perplexity=float(min(2.0 ** 64, _exp(test_loss))),
+                   test_batch_losses=[loss for loss, _ in batches],
                    unigram_perplexity=data.unigram_perplexity, tokens_per_step=trainer.tokens_per_step,
                    flops_per_token=getattr(result.model, "flops_per_token", lambda: None)())
     return trainer, result, summary

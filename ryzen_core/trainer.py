@@ -235,22 +235,28 @@ class Trainer:
         return float(t.item() / self.world_size)
 
     # -- evaluation ---------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, split: torch.Tensor | None = None, max_batches: int | None = None,
                  desc: str | None = None) -> float:
         """Mean next-token loss of the plain fp32 model over the first batches of a split (validation by default);
         with `desc`, progress is shown under that name."""
+        losses = self.batch_losses(split, max_batches, desc)
+        return sum(loss * rows for loss, rows in losses) / sum(rows for _, rows in losses)
+
+    @torch.no_grad()
+    def batch_losses(self, split: torch.Tensor | None = None, max_batches: int | None = None,
+                     desc: str | None = None) -> list[tuple[float, int]]:
+        """(mean loss, rows) of each of the first batches of a split: the same batches for every variant,
+        so two models' losses pair batch by batch."""
         split = self.data.validation if split is None else split
         max_batches = max_batches or self.tc.eval_batches
         self.model.eval()
-        total, count = 0.0, 0
+        losses = []
         starts = range(0, min(len(split), max_batches * self.tc.batch_size), self.tc.batch_size)
         for i in (progress(starts, desc, unit="batch") if desc and self.rank == 0 else starts):
             rows = split[i: i + self.tc.batch_size]
-            total += self.reference(rows[:, :-1], rows[:, 1:]).loss.item() * len(rows)
-            count += len(rows)
+            losses.append((self.reference(rows[:, :-1], rows[:, 1:]).loss.item(), len(rows)))
         self.model.train()
-        return total / count
+        return losses
 
     def _evaluate_and_adapt(self) -> bool:
         """Evaluate, let plugins adapt; return True when early stopping says stop."""
