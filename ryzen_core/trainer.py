@@ -161,6 +161,22 @@ class Trainer:
                     return name
         return None
 
+    def _gradients_finite(self, forward: Forward, batches) -> bool:
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            for x, y in batches:
+                self._run_forward(forward, x, y).loss.backward()
+        except Exception:
+            return False
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
+
+    def _blame_gradients(self, batches) -> str | None:
+        """The first plugin whose stage of the forward gives non-finite gradients on these batches where
+        the plain forward does not (a finite loss can still have NaN gradients)."""
+        if self.world_size > 1 or not self.stages or not self._gradients_finite(self.reference, batches):
+            return None  # ranks would judge different batches; or the model itself is at fault
+        return next((name for name, stage in self.stages if not self._gradients_finite(stage, batches)), None)
+
     def _disable_and_refold(self, name: str, reason: str) -> None:
         self.host.disable(name, "transform_forward", reason)
         self.forward = self._fold_forward()
@@ -169,9 +185,10 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, finite = 0.0, True
+        loss_sum, finite, batches = 0.0, True, []
         for _ in range(self.tc.grad_accum):
             x, y = self._next_batch()
+            batches.append((x, y))
             try:
                 loss = self._run_forward(self.forward, x, y).loss
             except Exception as exc:
@@ -193,6 +210,9 @@ class Trainer:
             max_norm = self.tc.grad_clip if self.tc.grad_clip > 0 else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
             finite = math.isfinite(grad_norm)
+            culprit = None if finite else self._blame_gradients(batches)
+            if culprit is not None:
+                self._disable_and_refold(culprit, "forward produced non-finite gradients")
         loss_value = self._mean_across_ranks(loss_sum / self.tc.grad_accum) if finite else math.nan
         if finite:
             self.optimizer.step()

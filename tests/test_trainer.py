@@ -97,6 +97,41 @@ def test_plugin_that_produces_nan_is_disabled_and_training_completes(cache_dir, 
     assert math.isfinite(result.metrics.evals[-1]["val_loss"])
 
 
+class NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class NanGradientsFromStep3:
+    @hookimpl
+    def transform_forward(self, forward):
+        calls = {"n": 0}
+
+        def wrapped(x, y):
+            calls["n"] += 1
+            out = forward(x, y)
+            return out.with_loss(NanGradient.apply(out.loss)) if calls["n"] >= 3 else out
+
+        return wrapped
+
+
+def test_a_plugin_whose_forward_gives_nan_gradients_is_blamed_and_training_goes_on(cache_dir, tmp_path):
+    host = PluginHost()
+    host.register(NanGradientsFromStep3(), "nangrad")
+    _, result = train(cache_dir, tmp_path, plugins=["nangrad"], host=host)
+    assert result.disabled == {"nangrad": "transform_forward: forward produced non-finite gradients"}
+    assert len(result.metrics.steps) == 6
+    assert [s["step"] for s in result.metrics.steps if "nan_skip" in s["flags"]] == [3]
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
 def test_interrupted_save_leaves_the_last_good_checkpoint(cache_dir, tmp_path):
     train(cache_dir, tmp_path, extra=["train.max_steps=6"])
     good = latest_checkpoint(tmp_path)
