@@ -293,7 +293,8 @@ class InlineWorker:
                  name: str | None = None, failure: str | None = None):
         self.backend, self.reason, self.failure = backend, reason, failure
         self.name = name or backend.name
-        self.ready = {"events": getattr(backend, "plugin_events", []), "disabled": getattr(backend, "plugin_disabled", {})}
+        self.ready = {"events": getattr(backend, "plugin_events", []),
+                      "disabled": getattr(backend, "plugin_disabled", {})}
 
     def _run(self, request: str, function, *args: Any) -> Any:
         if self.failure is not None:
