@@ -22,12 +22,17 @@ from pathlib import Path
 import torch
 
 
-def _loaded_libgomp() -> str | None:
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    return next((line.split()[-1] for line in maps.splitlines() if "libgomp" in line.split()[-1]), None)
+def _loaded_libgomp(maps: str | None = None) -> str | None:
+    """torch's libgomp where it is loaded: other packages bring their own (CTranslate2's wheel ships one),
+    and a parallel region opened in theirs would set the registers of threads torch never uses."""
+    if maps is None:
+        try:
+            maps = Path("/proc/self/maps").read_text()
+        except OSError:
+            return None
+    loaded = list(dict.fromkeys(line.split()[-1] for line in maps.splitlines() if "libgomp" in line.split()[-1]))
+    torch_dir = str(Path(torch.__file__).resolve().parent)
+    return next((path for path in loaded if path.startswith(torch_dir)), loaded[0] if loaded else None)
 
 
 _CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
