@@ -141,6 +141,9 @@ class ValidateConfig(Section):
     default: this process's torch thread count."""
     worker_timeout_s: float = Field(900.0, gt=0)
     """A worker that answers no request (start, one generation, perplexity) within this is stopped and reported."""
+    settle_ms: int = Field(100, ge=0, le=10_000)
+    """Pause before each timed run: thread pools that spin after their work (onnxruntime, OpenMP) in the
+    worker that ran last park in this time instead of competing with the next backend's run."""
 
     @model_validator(mode="after")
     def _positive_batches(self):

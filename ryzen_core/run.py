@@ -397,7 +397,8 @@ def bench_inference(run_dir: Path, host: PluginHost, config: RunConfig) -> dict[
     cfg = config.validate_
     with tempfile.TemporaryDirectory(prefix="ryzen-validate-") as workdir:
         plan = plan_variants(variants, host, config, data.tokenizer, Path(workdir))
-        for export in sorted((run_dir / "export").glob("*")) if (run_dir / "export").is_dir() else []:
+        exports = sorted((run_dir / "export").iterdir()) if (run_dir / "export").is_dir() else []
+        for export in (e for e in exports if e.is_dir() and not e.name.startswith(".")):  # hidden: a plugin's work
             entry = export_entry(host, None, export, None, cfg.isolation)
             if isinstance(entry, ExportRecipe):  # started now: its name is the one the loaded backend gives itself
                 entry = start_worker(entry, cfg.isolation, pinned_threads(cfg), cfg.worker_timeout_s)

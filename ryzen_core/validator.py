@@ -235,6 +235,7 @@ def _validate_batch(workers: Mapping[str, Any], baseline: str, prompts: torch.Te
         timings.pop(name)
 
     def run(name: str, keep: bool) -> None:
+        time.sleep(cfg.settle_ms / 1e3)  # the previous backend's spinning threads park first
         try:
             timing = workers[name].time_generation(prompts, cfg.new_tokens)
         except WorkerFailed as exc:

@@ -313,3 +313,16 @@ def test_process_peak_rss_is_the_kernels_high_water_mark_and_can_start_again():
     assert peak_with_block >= validator.current_rss_mib() + 100  # freed, but the mark remembers it
     assert validator.reset_process_peak_rss()
     assert validator.process_peak_rss_mib() < peak_with_block - 100
+
+
+def test_every_timed_run_waits_for_the_previous_backends_threads_to_settle(monkeypatch):
+    """Spinning pools of the backend that ran last must not compete with the next one's run."""
+    import ryzen_core.validator as validator_module
+
+    pauses: list[float] = []
+    monkeypatch.setattr(validator_module.time, "sleep", pauses.append)
+    cfg = ValidateConfig(prompt_len=8, new_tokens=4, batch_sizes=[2], warmup=1, repeats=2, max_repeats=2,
+                         perplexity_batches=1, isolation="inline", settle_ms=70)
+    validate({"a": TorchBackend(tiny_model(0), name="a"), "b": TorchBackend(tiny_model(1), name="b")}, "a",
+             packed_rows(4), cfg, packed_rows(4))
+    assert pauses.count(0.07) == 2 * (1 + 2)  # two backends, one warm-up and two timed runs each

@@ -21,7 +21,7 @@ ENGINE_MODULES = {"ctranslate2": "ctranslate2_engine", "llamacpp": "gguf_engine"
                   "genai": "genai_engine"}
 BACKEND_CLASSES = {"ctranslate2": "CTranslate2Backend", "llamacpp": "LlamaCppBackend",
                    "openvino": "OpenVinoBackend", "genai": "GenaiBackend"}
-SOURCE_DIR = "runtimes-hf-source"
+SOURCE_DIR = ".runtimes-hf-source"  # hidden: a work directory, not an export to validate
 SOURCE_MARKER = ".ryzen-runtimes-source"
 Engine = Literal["ctranslate2", "llamacpp", "openvino", "genai"]
 
