@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,12 @@ def genai_config(built: BuiltGraph, hidden_size: int, heads: int, eos_id: int | 
         "model": {
             "type": "llama",  # genai's generic decoder-only pipeline; the graph itself carries the architecture
             "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos,
-            "context_length": built.context_length, "vocab_size": built.vocab_size,
+            "context_length": built.layout.context_length, "vocab_size": built.layout.vocab_size,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": MODEL_FILE, "head_size": built.head_dim, "hidden_size": hidden_size,
-                "num_attention_heads": heads, "num_hidden_layers": built.layers,
-                "num_key_value_heads": built.kv_heads,
+                "filename": MODEL_FILE, "head_size": built.layout.head_dim, "hidden_size": hidden_size,
+                "num_attention_heads": heads, "num_hidden_layers": built.layout.layers,
+                "num_key_value_heads": built.layout.kv_heads,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
                            "past_value_names": "past_key_values.%d.value"},
@@ -59,7 +60,7 @@ def genai_config(built: BuiltGraph, hidden_size: int, heads: int, eos_id: int | 
                             "present_value_names": "present.%d.value"},
             },
         },
-        "search": {"do_sample": False, "num_beams": 1, "max_length": built.context_length, "min_length": 0,
+        "search": {"do_sample": False, "num_beams": 1, "max_length": built.layout.context_length, "min_length": 0,
                    "past_present_share_buffer": True, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
                    "repetition_penalty": 1.0, "early_stopping": True, "num_return_sequences": 1},
     }
@@ -90,10 +91,8 @@ def export_fused(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, max_p
                                         encoding="utf-8")
     write_manifest(out_dir, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "graph": GRAPH, "precision": "fp32",
-        "kind": built.kind, "layers": built.layers, "kv_heads": built.kv_heads, "head_dim": built.head_dim,
-        "vocab_size": built.vocab_size, "context_length": built.context_length,
-        "hard_context_limit": built.hard_context_limit, "eos_token_id": eos,
-        "input_names": input_names(built.layers), "output_names": output_names(built.layers),
+        **asdict(built.layout), "eos_token_id": eos,
+        "input_names": input_names(built.layout.layers), "output_names": output_names(built.layout.layers),
         "nodes": len(built.model.graph.node),
         "exporter": f"ryzen graph_builder (onnxruntime {onnxruntime.__version__} contrib ops)",
         "external_data": external, "tokenizer": tokenizer is not None,

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .export import KVLayout
+
 OPSET = 17  # LayerNormalization
 MS_DOMAIN = "com.microsoft"
 
@@ -136,13 +138,7 @@ def _norm(g: _Graph, x: str, residual: str | None, gamma: np.ndarray, eps: float
 @dataclass(frozen=True)
 class BuiltGraph:
     model: Any  # onnx.ModelProto
-    layers: int
-    kv_heads: int
-    head_dim: int
-    vocab_size: int
-    context_length: int
-    hard_context_limit: bool
-    kind: str
+    layout: KVLayout
 
 
 def _builtin_layers(g: _Graph, model: nn.Module) -> tuple[str, str, float]:
@@ -273,7 +269,7 @@ def _finish(g: _Graph, kind: str, layers: int, kv_heads: int, head_dim: int, voc
     graph = helper.make_graph(g.nodes, f"ryzen-{kind}", inputs, outputs, initializer=g.initializers)
     model = helper.make_model(graph, producer_name="ryzen-onnx-builder",
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)])
-    return BuiltGraph(model, layers, kv_heads, head_dim, vocab, context, hard_limit, kind)
+    return BuiltGraph(model, KVLayout(kind, layers, kv_heads, head_dim, vocab, context, hard_limit))
 
 
 def build_graph(model: nn.Module, max_positions: int = 8192) -> BuiltGraph:
