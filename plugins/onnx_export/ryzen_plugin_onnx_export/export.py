@@ -255,6 +255,17 @@ def weights_read_per_token(model_path: str | Path) -> int:
     return total
 
 
+POSITION_TABLES = ("pos_emb.weight", "cos_cache")  # the fused graph's learned positions / rotary table
+
+
+def graph_positions(model_path: str | Path) -> int | None:
+    """Rows of the fused graph's position table (the positions it can address), None without one."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return next((int(init.dims[0]) for init in graph.initializer if init.name in POSITION_TABLES), None)
+
+
 def export_size_bytes(export_dir: str | Path) -> int:
     return sum(p.stat().st_size for p in export_files(Path(export_dir)))
 

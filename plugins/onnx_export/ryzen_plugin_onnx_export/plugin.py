@@ -5,6 +5,8 @@ whenever the `ryzen` command starts, and `ryzen plugins` must stay fast.
 """
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ryzen_core import hookimpl
 
 FP32_DIR, INT8_DIR, INT4_DIR = "onnx-fp32", "onnx-int8", "onnx-int4"
+DEFAULT_NEW_TOKENS = 64
 
 
 class OnnxSettings(BaseModel):
@@ -204,13 +207,15 @@ def register_commands(cli):
     @click.option("--run", "run_dir", type=click.Path(path_type=Path),
                   help="Or a run directory (a variant's, or an hf_model/): generate in torch from its trained model.")
     @click.argument("prompt")
-    @click.option("--max-new-tokens", type=click.IntRange(min=0), default=64, show_default=True)
-    @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+    @click.option("--max-new-tokens", type=click.IntRange(min=0), default=None,
+                  help=f"[default: {DEFAULT_NEW_TOKENS}, cut to what fits the model's context]")
+    @click.option("--temperature", type=click.FloatRange(min=0.0, max=1000.0), default=0.0, show_default=True,
                   help="0 is greedy.")
     @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 is off.")
     @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
     @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+    @click.option("--threads", type=click.IntRange(min=1, max=4 * (os.cpu_count() or 1)), default=None,
+                  help="onnxruntime intra-op threads (at most 4 x the CPUs).")
     @click.pass_context
     def generate_command(ctx, onnx_dir, run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, threads):
         """Generate text from PROMPT with an onnx export run by onnxruntime, or a run's model in torch."""
@@ -227,6 +232,12 @@ def register_commands(cli):
 
         if (onnx_dir is None) == (run_dir is None):
             fail("give either --onnx EXPORT_DIR or --run RUN_DIR")
+        if not math.isfinite(temperature):  # click's range lets NaN through: every comparison with it is False
+            fail(f"--temperature must be a finite number >= 0, got {temperature}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate (from undecodable argv bytes) has no UTF-8 form
+            fail(f"the prompt is not valid text: {exc.reason} at character {exc.start}")
         if onnx_dir is not None and not onnx_dir.is_dir():
             fail(f"onnx export directory {onnx_dir} does not exist")
         if onnx_dir is not None and read_manifest(onnx_dir) is None:
@@ -245,9 +256,16 @@ def register_commands(cli):
             ids = tokenizer.encode(prompt)
             if not ids:
                 fail("the prompt encodes to no tokens")
+            limit = getattr(backend, "context_length", None) if getattr(backend, "hard_context_limit", False) else None
+            if max_new_tokens is None:
+                max_new_tokens = DEFAULT_NEW_TOKENS
+                if limit is not None and len(ids) + max_new_tokens > limit:
+                    max_new_tokens = max(0, limit - len(ids))
+                    click.echo(f"note: {max_new_tokens} new tokens, what fits the context of {limit} after "
+                               f"the {len(ids)}-token prompt", err=True)
             generator = torch.Generator().manual_seed(seed)
             output = backend.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, eos_token_id=tokenizer.eos_id, generator=generator)
-        except (RyzenError, ValueError) as exc:
-            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except (RyzenError, ValueError) as exc:  # UnicodeEncodeError (a lone surrogate) is a ValueError too
+            fail(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
         click.echo(tokenizer.decode(output[0].tolist()))

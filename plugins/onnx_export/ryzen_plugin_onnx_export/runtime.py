@@ -20,7 +20,7 @@ import torch
 
 from ryzen_core.models.generate import sample_next
 
-from .export import MODEL_FILE, ExportError, read_manifest, weights_read_per_token
+from .export import MODEL_FILE, ExportError, graph_positions, read_manifest, weights_read_per_token
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 # Set by the core's validator in a worker process that runs one backend alone, and the
@@ -100,9 +100,6 @@ class _ExportBackend:
         model_path = self.export_dir / MODEL_FILE
         if not model_path.is_file():
             raise ExportError(f"{self.export_dir} has export.json but no {MODEL_FILE}")
-        # What the runtime table reads (ryzen_core.backends.FACTS).
-        self.weight_bytes = weights_read_per_token(model_path)
-        self.kv_bytes_per_position = 2 * self.layers * self.kv_heads * self.head_dim * 4
         self.spinning = spinning_default() if allow_spinning is None else allow_spinning
         try:
             self.session = ort.InferenceSession(
@@ -111,6 +108,12 @@ class _ExportBackend:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"{model_path} cannot be loaded by onnxruntime: {first[:300]}") from None
+        # What the runtime table reads (ryzen_core.backends.FACTS); the graph parsed, so these read it safely.
+        self.weight_bytes, positions = weights_read_per_token(model_path), graph_positions(model_path)
+        self.kv_bytes_per_position = 2 * self.layers * self.kv_heads * self.head_dim * 4
+        if self.hard_context_limit and positions is not None and self.context_length > positions:
+            raise ExportError(f"{self.export_dir / 'export.json'} claims context_length {self.context_length}, "
+                              f"but the graph's position table has {positions} rows")
 
     def _check_ids(self, input_ids: torch.Tensor, max_new_tokens: int = 0) -> np.ndarray:
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:

@@ -355,3 +355,54 @@ def test_generate_command_reports_context_overflow_in_one_line(builtin_export):
     result = CliRunner().invoke(_cli(), ["generate", "--onnx", str(export), "x", "--max-new-tokens", "500"])
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "context_length" in result.stderr
+
+
+def _broken_copy(export, tmp_path, change):
+    import shutil
+
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(export, copy_dir)
+    change(copy_dir)
+    return copy_dir
+
+
+def _truncate(directory):
+    data = (directory / "model.onnx").read_bytes()
+    (directory / "model.onnx").write_bytes(data[: len(data) // 2])
+
+
+def _claim_longer_context(directory):
+    manifest = json.loads((directory / "export.json").read_text())
+    (directory / "export.json").write_text(json.dumps({**manifest, "context_length": 4096}))
+
+
+@pytest.mark.parametrize("change, args, message", [
+    (_truncate, [], "cannot be loaded by onnxruntime"),
+    (lambda d: (d / "model.onnx").write_bytes(b""), [], "cannot be loaded by onnxruntime"),
+    (lambda d: (d / "model.onnx").write_bytes(b"garbage" * 100), [], "cannot be loaded by onnxruntime"),
+    (_claim_longer_context, [], "claims context_length 4096"),
+    (lambda d: None, ["--temperature", "nan"], "--temperature must be a finite number"),
+    (lambda d: None, ["--threads", "5000"], "--threads"),
+])
+def test_generate_command_turns_bad_exports_and_inputs_into_one_line(builtin_export, tmp_path, change, args,
+                                                                     message):
+    export = _broken_copy(builtin_export["export_dir"] / "onnx-fp32", tmp_path, change)
+    result = CliRunner().invoke(_cli(), ["generate", "--onnx", str(export), "def f", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_generate_command_refuses_a_surrogate_prompt_in_one_line(builtin_export):
+    result = CliRunner().invoke(_cli(), ["generate", "--onnx", str(builtin_export["export_dir"] / "onnx-fp32"),
+                                         "def \ud800"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_generate_command_cuts_the_default_length_to_the_context_with_a_note(builtin_export, tokenizer):
+    export = builtin_export["export_dir"] / "onnx-fp32"
+    prompt = reference_text()[:60]  # the tiny model's context is 64 tokens: 64 new ones do not fit after it
+    prompt_tokens = len(tokenizer.encode(prompt))
+    assert 0 < prompt_tokens < 64
+    result = CliRunner().invoke(_cli(), ["generate", "--onnx", str(export), prompt])
+    assert result.exit_code == 0, result.output
+    assert f"note: {64 - prompt_tokens} new tokens, what fits the context of 64" in result.stderr
