@@ -238,32 +238,27 @@ def export_files(export_dir: Path) -> list[Path]:
     return sorted(p for p in export_dir.iterdir() if p.name.startswith(MODEL_FILE))
 
 
-def weights_read_per_token(model_path: str | Path) -> int:
-    """Bytes of the graph's constants that one decode step reads: all of them except tables only
-    indexed by a Gather (an embedding lookup reads one row)."""
+POSITION_TABLES = ("pos_emb.weight", "cos_cache")  # the fused graph's learned positions / rotary table
+
+
+def graph_facts(model_path: str | Path) -> tuple[int, int | None]:
+    """From one read of the graph (weights left on disk): the bytes of constants a decode step reads (all
+    but tables only indexed by a Gather: a lookup reads one row) and the rows of the fused graph's position
+    table (the positions it can address; None without one)."""
     import onnx
 
     graph = onnx.load(str(model_path), load_external_data=False).graph
     gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
     read_otherwise = {name for n in graph.node if n.op_type != "Gather" for name in n.input}
-    total = 0
+    weight_bytes = 0
     for init in graph.initializer:
         if init.name in gathered and init.name not in read_otherwise:
             continue
         external = {entry.key: entry.value for entry in init.external_data}
-        total += int(external["length"]) if "length" in external else len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
-    return total
-
-
-POSITION_TABLES = ("pos_emb.weight", "cos_cache")  # the fused graph's learned positions / rotary table
-
-
-def graph_positions(model_path: str | Path) -> int | None:
-    """Rows of the fused graph's position table (the positions it can address), None without one."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return next((int(init.dims[0]) for init in graph.initializer if init.name in POSITION_TABLES), None)
+        weight_bytes += (int(external["length"]) if "length" in external
+                         else len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes)
+    positions = next((int(init.dims[0]) for init in graph.initializer if init.name in POSITION_TABLES), None)
+    return weight_bytes, positions
 
 
 def export_size_bytes(export_dir: str | Path) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from ryzen_core.models.generate import sample_next
 
-from .export import MODEL_FILE, ExportError, graph_positions, read_manifest, weights_read_per_token
+from .export import MODEL_FILE, ExportError, graph_facts, read_manifest
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 # Set by the core's validator in a worker process that runs one backend alone, and the
@@ -109,7 +109,7 @@ class _ExportBackend:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"{model_path} cannot be loaded by onnxruntime: {first[:300]}") from None
         # What the runtime table reads (ryzen_core.backends.FACTS); the graph parsed, so these read it safely.
-        self.weight_bytes, positions = weights_read_per_token(model_path), graph_positions(model_path)
+        self.weight_bytes, positions = graph_facts(model_path)
         self.kv_bytes_per_position = 2 * self.layers * self.kv_heads * self.head_dim * 4
         if self.hard_context_limit and positions is not None and self.context_length > positions:
             raise ExportError(f"{self.export_dir / 'export.json'} claims context_length {self.context_length}, "

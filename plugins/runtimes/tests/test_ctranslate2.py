@@ -108,8 +108,9 @@ def test_tokenizer_identity_on_the_fixed_texts(exported, tokenizer):
 def test_context_length_is_checked(exported, builtin_model):
     model, result, _ = exported
     backend = load_backend(result["exports"]["ctranslate2-float32"])
-    if model is not builtin_model:
-        pytest.skip("only the built-in model has a hard context limit (learned positions)")
+    if model is not builtin_model:  # rotary positions extrapolate: no hard limit to enforce
+        assert backend.context_length is None
+        return
     prompt = torch.zeros((1, model.config.context_length - 2), dtype=torch.long)
     with pytest.raises(ValueError, match="exceeds the model's context_length"):
         backend.generate(prompt, 3)
@@ -125,7 +126,7 @@ def test_backend_builds_in_a_fresh_process_from_the_path_alone(exported, prompts
               "ids = torch.tensor(json.loads(sys.argv[2]))\n"
               "print(json.dumps([backend.name, backend.generate(ids, 6).tolist()]))\n")
     done = subprocess.run([sys.executable, "-c", script, path, json.dumps(prompts.tolist())], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=1800)  # generous: only a hang should trip it
     assert done.returncode == 0, done.stderr[-2000:]
     name, ids = json.loads(done.stdout.strip().splitlines()[-1])
     assert name == "ctranslate2-int8"
