@@ -24,14 +24,18 @@ _LAZY = {
     "paired_ratios": "measure", "compare_pairs": "measure", "PairedComparison": "measure", "summarize": "measure",
     "format_ratio": "measure", "measure_until_narrow": "measure", "median_interval": "measure",
     "gemm_rates": "hardware_limits", "read_bandwidth_gbs": "hardware_limits",
+    "cpu_features": "hardware", "native_bf16": "hardware", "peak_flops": "hardware", "CpuFeatures": "hardware",
     "Backend": "backends", "TorchBackend": "backends",
 }
+_MODULES = ("hardware",)  # public as a whole: `from ryzen_core import hardware`
 
 __all__ = ["__version__", "hookimpl", "hookspec", "RyzenError", "ConfigError", "PluginError",
-           "CheckpointError", "TrainingError", *_LAZY]
+           "CheckpointError", "TrainingError", *_LAZY, *_MODULES]
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _MODULES:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ryzen_core' has no attribute {name!r}")

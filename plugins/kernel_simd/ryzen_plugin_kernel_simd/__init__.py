@@ -1,4 +1,2 @@
-"""Ryzen kernel plugin: detect what this CPU can do and use the execution paths that exploit it."""
-from .cpu import CpuFeatures, detect
-
-__all__ = ["CpuFeatures", "detect"]
+"""Ryzen kernel plugin: time the training and inference paths this CPU's features allow (detected by the core,
+`ryzen_core.hardware`) and use the fastest that stays accurate."""

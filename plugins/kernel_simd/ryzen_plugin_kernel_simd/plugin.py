@@ -22,12 +22,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ryzen_core import hookimpl
+from ryzen_core import CpuFeatures, cpu_features, hookimpl
 from ryzen_core.forward import Forward
 from ryzen_core.measure import busy_warning, format_ratio
 
 from .cache import DecisionCache, cache_key, library_versions, model_shape
-from .cpu import CpuFeatures, detect
 from .denormals import set_flush_denormal_all_threads
 from .strategy import REFERENCE, Strategy, apply_optimizer, apply_threads, wrap_forward
 from .tune import DECISION_RULE, Tuner, describe_trial, plan, random_batches, vocab_size_of
@@ -176,7 +175,7 @@ def ryzen_settings():
 @hookimpl
 def on_model_load(model, config, settings, record):
     settings = settings_or_default(settings)
-    cpu = detect(mask=settings.mask_features)
+    cpu = cpu_features(mask=settings.mask_features)
     record("cpu", model=cpu.model, usable_cores=cpu.usable_cores, physical_cores=cpu.physical_cores,
            native_bf16=cpu.native_bf16, bf16_unit=cpu.bf16_unit,
            features=sorted(k for k, v in cpu.features.items() if v), masked=settings.mask_features)
@@ -201,7 +200,7 @@ def _state(model, settings, config) -> KernelState:
     state = STATES.get(model)
     if state is None:  # on_model_load did not run for this model (a plugin calling us directly)
         settings = settings_or_default(settings).model_copy(update={"autotune": False})
-        state = new_state(model, config, *decide(model, config, settings, detect(mask=settings.mask_features)))
+        state = new_state(model, config, *decide(model, config, settings, cpu_features(mask=settings.mask_features)))
     return state
 
 
@@ -307,7 +306,7 @@ def on_infer(generate, model, config, settings, record):
     if settings.inference == "fp32":
         return None
     if settings.inference == "auto":
-        candidates = ["int8"] + (["bf16"] if detect(mask=settings.mask_features).native_bf16 else [])
+        candidates = ["int8"] + (["bf16"] if cpu_features(mask=settings.mask_features).native_bf16 else [])
         result = tune_inference(model, candidates, settings, vocab_size_of(model), log.info)
         record("inference", **result)
         chosen = result["chosen"]
@@ -328,7 +327,7 @@ def on_infer(generate, model, config, settings, record):
 
 def utilization_line(achieved: float, config, record) -> str:
     """The chosen path's FLOP/s against the matmul rates measured on this machine and the computed peaks."""
-    from ryzen_core.bench import peak_flops
+    from ryzen_core import peak_flops
     from ryzen_core.hardware_limits import GEMM_SIZE, gemm_rates, utilization
 
     peak, measured = peak_flops(), gemm_rates(config.data.cache_dir)
@@ -397,10 +396,9 @@ def register_commands(cli):
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     def info(as_json):
         """What this CPU can do, from the OS and from torch: its computed peak and measured matmul FLOP/s."""
-        from ryzen_core.bench import peak_flops
-        from ryzen_core.hardware_limits import gemm_rates
+        from ryzen_core import gemm_rates, peak_flops
 
-        cpu, peak, measured = detect(), peak_flops(), gemm_rates()
+        cpu, peak, measured = cpu_features(), peak_flops(), gemm_rates()
         if as_json:
             click.echo(json.dumps(dict(cpu.as_dict(), peak=peak, measured_gemm=measured), indent=2))
             return
@@ -436,5 +434,5 @@ def register_commands(cli):
         data = load_data(config)
         torch.manual_seed(config.train.seed)
         model = build_model(config.model, data.tokenizer.vocab_size)
-        decision, source = decide(model, config, settings, detect(mask=settings.mask_features), log_line=click.echo)
+        decision, source = decide(model, config, settings, cpu_features(mask=settings.mask_features), log_line=click.echo)
         click.echo(json.dumps(decision, indent=2, default=str) if as_json else decision_markdown(decision, source))

@@ -31,12 +31,12 @@ from typing import Any, Callable
 
 import torch
 
+from ryzen_core import CpuFeatures
 from ryzen_core.forward import reference_forward
 from ryzen_core.measure import conditions, format_ratio, load_snapshot, paired_ratios
 from ryzen_core.plugins import describe_error
 from ryzen_core.trainer import build_optimizer
 
-from .cpu import CpuFeatures
 from .strategy import REFERENCE, Strategy, apply_optimizer, forward_context, wrap_forward
 
 log = logging.getLogger(__name__)

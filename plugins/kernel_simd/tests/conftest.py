@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ryzen_core import CpuFeatures
 from ryzen_core.config import RunConfig
 from ryzen_core.models.transformer import PRESETS, Transformer, TransformerConfig
-from ryzen_plugin_kernel_simd.cpu import CpuFeatures
 
 ALL = {"avx2": True, "fma": True, "avx512f": True, "avx512bw": True, "avx512_vnni": True,
        "avx512_bf16": True, "amx_bf16": False, "amx_int8": False}

@@ -195,7 +195,7 @@ def test_run_and_bench_infer_measure_the_int8_path_alike(tmp_path):
 
 def test_utilization_is_stated_against_the_measured_rate_and_the_computed_peak(config):
     from ryzen_core import hardware_limits
-    from ryzen_core.bench import peak_flops
+    from ryzen_core import peak_flops
 
     measured = {f"{dtype}:{hardware_limits.GEMM_SIZE}": {"flops": flops, "n": hardware_limits.GEMM_SIZE}
                 for dtype, flops in (("fp32", 400e9), ("bf16", 1600e9))}

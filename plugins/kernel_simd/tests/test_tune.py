@@ -31,9 +31,9 @@ def test_plan_applies_fixed_choices_and_tries_one_thread_per_physical_core(make_
 
 
 def test_masking_bf16_picks_fp32_and_says_why(tiny_model, config, make_cpu):
-    from ryzen_plugin_kernel_simd.cpu import detect
+    from ryzen_core import cpu_features
 
-    masked = detect(mask=["avx512_bf16", "amx_bf16"])
+    masked = cpu_features(mask=["avx512_bf16", "amx_bf16"])
     decision, source = decide(tiny_model, config, KernelSettings(autotune=False, mask_features=["avx512_bf16", "amx_bf16"]),
                               masked)
     assert decision["chosen"]["precision"] == "fp32" and source == "settings"
