@@ -36,7 +36,7 @@ class TorchBackend:
     """A torch model; `generate_fn` replaces the plain KV-cache loop (the result of the `on_infer` fold).
 
     A generate function that runs another model (a quantized copy, say) carries that model's
-    `logits(input_ids)` as an attribute, so perplexity is measured on what actually generates.
+    `logits(input_ids)` (an InferencePath's `logits`), so perplexity is measured on what actually generates.
     """
 
     def __init__(self, model: torch.nn.Module, name: str = "torch", generate_fn: GenerateFn | None = None):
@@ -105,7 +105,7 @@ def torch_backend(model: torch.nn.Module, name: str, host=None, plugins=(), toke
         return backend
     plain = backend.plain_generate
     generate_fn = host.fold("on_infer", host.active(plugins), "generate", plain, model=model, tokenizer=tokenizer,
-                            config=config)
+                            config=config, context=host.contexts.get(host.variant))
     return backend if generate_fn is plain else TorchBackend(model, name, generate_fn)
 
 

@@ -92,6 +92,7 @@ class SavedState(BaseModel):
     disabled: dict[str, str]
     events: list[_Event]
     plugin_settings: dict[str, dict[str, Any]]
+    plugin_state: dict[str, dict[str, Any]] = {}  # each class plugin's state_dict (absent before API v1)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,6 +1,7 @@
 """The `ryzen` command line: argument parsing and exit codes only; the work lives in the modules."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -45,6 +46,26 @@ config_option = click.option("--config", "config_path", type=click.Path(path_typ
 set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config value; repeatable.")
 plugins_option = click.option("--plugins", "plugins", metavar="A,B", help="Optimization plugins to apply, in this order.")
 out_option = click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Run directory (default runs/<timestamp>).")
+
+
+def with_run_config(*plugins: str):
+    """For a plugin's command: add --config and --set, validate the config with `plugins` selected (a bad
+    value is one line and exit 2, before any work) and call the command as `fn(host, config, **options)`.
+
+        @cli.command("tune")
+        @with_run_config("kernel")
+        @click.option("--rounds", type=int, default=5)
+        def tune(host, config, rounds): ...
+    """
+    def decorate(fn):
+        @functools.wraps(fn)
+        def command(ctx, config_path, overrides, **options):
+            host = _host(ctx)
+            return fn(host, prepare(host, config_path, overrides, list(plugins) or None), **options)
+
+        return config_option(set_option(click.pass_context(command)))
+
+    return decorate
 
 
 @click.group(cls=RyzenGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,9 +1,13 @@
 """Plugin discovery (stevedore), registration and calling (pluggy).
 
 stevedore finds and imports the entry points of the group `ryzen.plugins`;
-pluggy validates and calls their hooks. Hooks that depend on the user's
-`--plugins` order are called plugin by plugin here rather than broadcast,
-because pluggy neither orders implementations by our list nor chains results.
+pluggy validates their hooks. Every hook is called through one path here (`_call`),
+plugin by plugin in the user's `--plugins` order, because pluggy neither orders
+implementations by our list nor chains results; so pluggy's ordering options
+(tryfirst, trylast, wrappers) are refused at registration rather than ignored.
+
+An entry point names a module of hook functions or a `Plugin` subclass; a class is
+instantiated once per variant (`begin_variant`) and its hooks run on that instance.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from pydantic import BaseModel
 
 from . import hookspecs
 from .errors import PluginError
+from .plugin_class import Plugin
+from .results import Adaptation, as_result
 
 ENTRY_POINT_GROUP = "ryzen.plugins"
 # Comma-separated names of installed plugins to load automatically; empty loads none.
@@ -93,6 +99,11 @@ class PluginHost:
         self.settings: dict[str, BaseModel | None] = {}
         self.disabled: dict[str, str] = {}
         self.events: list[Event] = []
+        self.classes: dict[str, type[Plugin]] = {}  # plugins registered as a class: one instance per variant
+        self.instances: dict[str, dict[str, Plugin]] = {}  # variant -> plugin name -> instance
+        self.contexts: dict[str, Any] = {}  # variant -> its RunContext
+        self.variant: str | None = None  # the variant whose instances hooks run on
+        self.hook: str | None = None  # the hook being called, for record()
 
     # -- loading -----------------------------------------------------------------
     def load_installed(self, names: Iterable[str] | None = None) -> None:
@@ -136,22 +147,38 @@ class PluginHost:
                             version=getattr(dist, "version", None), module=value)
 
     def register(self, plugin: object, name: str, record: PluginRecord | None = None) -> None:
-        """Register a plugin object (a module or an instance) under `name` and validate its hooks."""
+        """Register a plugin (a module, an instance, or a `Plugin` subclass) under `name` and validate its hooks."""
         record = record or PluginRecord(name=name, module=getattr(plugin, "__name__", type(plugin).__name__))
+        cls = plugin if isinstance(plugin, type) else None
         try:
+            if cls is not None:
+                if not issubclass(cls, Plugin):
+                    raise PluginError(f"{cls.__name__} is a class but not a ryzen_core.Plugin subclass")
+                plugin = cls()  # answers the process-wide hooks; each variant gets its own instance
             self.pm.register(plugin, name=name)
             # A hook implementation whose name matches no spec is a typo, not an extension.
             self.pm.check_pending()
+            self._refuse_ordering_options(name)
         except Exception as exc:  # a plugin with bad hooks must not take the others down
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
             record.status, record.error = "failed", describe_error(exc)
         else:
-            record.hooks = sorted(
-                caller.name for caller in self.pm.get_hookcallers(plugin) or []
-            )
+            if cls is not None:
+                self.classes[name] = cls
+            record.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
             record.status = "loaded"
         self.records[name] = record
+
+    def _refuse_ordering_options(self, name: str) -> None:
+        for caller in self.pm.get_hookcallers(self.pm.get_plugin(name)) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name != name:
+                    continue
+                used = [o for o in ("hookwrapper", "wrapper", "tryfirst", "trylast") if getattr(impl, o, False)]
+                if used:
+                    raise PluginError(f"@hookimpl({used[0]}=True) on {caller.name} is not supported: Ryzen calls "
+                                      "hooks one plugin at a time in --plugins order (docs/plugins.md)")
 
     def unregister(self, name: str) -> None:
         plugin = self.pm.get_plugin(name)
@@ -159,6 +186,7 @@ class PluginHost:
             self.pm.unregister(plugin)
         self.records.pop(name, None)
         self.settings.pop(name, None)
+        self.classes.pop(name, None)
 
     def require(self, names: Sequence[str]) -> None:
         """Fail with one line if any plugin the user asked for is missing or broken."""
@@ -180,7 +208,9 @@ class PluginHost:
         models = {}
         for impl in list(self.pm.hook.ryzen_settings.get_hookimpls()):
             try:
-                model = impl.function()
+                model = self._call("ryzen_settings", impl.plugin_name, {})
+                if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
+                    raise PluginError(f"returned {type(model).__name__}, not a pydantic model class")
             except (Exception, SystemExit) as exc:
                 self.pm.unregister(self.pm.get_plugin(impl.plugin_name))
                 record = self.records.setdefault(impl.plugin_name, PluginRecord(impl.plugin_name))
@@ -190,14 +220,67 @@ class PluginHost:
                 models[impl.plugin_name] = model
         return models
 
+    # -- one instance per variant ------------------------------------------------------
+    def begin_variant(self, context, names: Sequence[str]) -> None:
+        """Make this variant's instance of each named class plugin (with its settings and context) and
+        run hooks on them from now on. A module plugin needs nothing: its state is its own business."""
+        self.contexts[context.variant] = context
+        self.instances[context.variant] = {
+            name: self.classes[name](self.settings.get(name), context) for name in names if name in self.classes}
+        self.variant = context.variant
+
+    def use_variant(self, variant: str | None) -> None:
+        """Run hooks on `variant`'s instances (made earlier by begin_variant), e.g. to validate it."""
+        self.variant = variant if variant in self.contexts else None
+
+    def instance(self, name: str) -> Plugin | None:
+        return self.instances.get(self.variant, {}).get(name)
+
+    def plugin_state(self) -> dict[str, Any]:
+        """Each current instance's state_dict, in JSON, for the checkpoint."""
+        states = {}
+        for name, inst in self.instances.get(self.variant, {}).items():
+            try:
+                states[name] = json_value(inst.state_dict(), f"{name}.state_dict()")
+            except Exception as exc:  # it would break the checkpoint; the plugin goes like any failing one
+                self.disable(name, "state_dict", describe_error(exc))
+        return states
+
+    def load_plugin_state(self, states: dict[str, Any]) -> None:
+        for name, state in states.items():
+            inst = self.instance(name)
+            if inst is None or name in self.disabled:
+                continue
+            try:
+                inst.load_state_dict(state)
+            except Exception as exc:
+                self.disable(name, "load_state_dict", describe_error(exc))
+
+    def apply_adaptation(self, name: str, adaptation: Adaptation) -> dict[str, Any]:
+        """Validate `adaptation` against the plugin's settings class and make it the current settings;
+        return the changes as JSON for the log."""
+        changes = json_value(adaptation.changes, "its result")
+        current = self.settings.get(name)
+        if current is None:  # nothing to apply: the changes are the plugin's own state, logged as they are
+            return changes
+        try:
+            updated = type(current).model_validate(dict(current.model_dump(), **changes))
+        except Exception as exc:
+            raise PluginError(f"plugin {name}: its Adaptation does not fit its settings ({describe_error(exc)})") from None
+        self.settings[name] = updated
+        if (inst := self.instance(name)) is not None:
+            inst.settings = updated
+        return changes
+
     # -- calling -----------------------------------------------------------------
-    def recorder(self, plugin: str, hook: str) -> Callable[..., None]:
+    def recorder(self, plugin: str, hook: str | None = None) -> Callable[..., None]:
+        """record(event, **data) on behalf of `plugin`, during `hook` (default: the hook being called)."""
         def record(event: str, **data: Any) -> None:
             try:
                 data = json_value(data, "data")
             except TypeError as exc:  # raised inside the plugin's hook, so the fallback disables it
                 raise PluginError(f"plugin {plugin} recorded {str(event)[:60]!r} with {exc}") from None
-            self.events.append(Event(plugin, hook, event, data))
+            self.events.append(Event(plugin, hook or self.hook or "plugin", event, data))
 
         return record
 
@@ -207,13 +290,33 @@ class PluginHost:
                 return impl
         return None
 
+    def implements(self, hook: str, plugin_name: str) -> bool:
+        return self._impl(hook, plugin_name) is not None
+
     def _call(self, hook: str, plugin_name: str, kwargs: dict[str, Any]):
+        """The one way a hook is called: on the variant's instance where the plugin is a class, with the
+        arguments the implementation names, its result checked against the hook's result type."""
         impl = self._impl(hook, plugin_name)
         if impl is None:
             return None
+        inst = self.instance(plugin_name)
+        function = getattr(inst, impl.function.__name__) if inst is not None else impl.function
         kwargs = dict(kwargs, settings=self.settings.get(plugin_name), record=self.recorder(plugin_name, hook))
-        # pluggy lets implementations take any subset of the spec's arguments.
-        return impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+        outer, self.hook = self.hook, hook
+        try:
+            # pluggy lets implementations take any subset of the spec's arguments.
+            result = function(**{arg: kwargs.get(arg) for arg in impl.argnames})
+        finally:
+            self.hook = outer
+        return as_result(hook, plugin_name, result)
+
+    def first(self, hook: str, names: Sequence[str], **kwargs) -> Any:
+        """The first non-None result of `hook` over `names` in order (load_backend: whose export is it?)."""
+        for name in names:
+            result = self._call(hook, name, kwargs)
+            if result is not None:
+                return result
+        return None
 
     def active(self, names: Sequence[str]) -> list[str]:
         return [n for n in names if n not in self.disabled]

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from .checkpoint import atomic_write_text
 from .config import RunConfig, check_model_fits_data, load_config, resolve_plugin_settings
+from .context import BaselineHandle, RunContext
 from .errors import writing
 from .plugins import PluginHost
 from .report import environment, plot_loss_curves, write_json
@@ -81,11 +82,11 @@ def launch_distributed(nproc: int, config: RunConfig, argv: list[str]) -> int:
 
 
 def train_and_evaluate(config: RunConfig, host: PluginHost, plugins: Sequence[str], run_dir: Path, data,
-                       label: str, resume: bool = False):
+                       label: str, resume: bool = False, context: RunContext | None = None):
     """Train one model, then measure its test perplexity with the same fp32 yardstick as validation."""
     from .trainer import Trainer
 
-    trainer = Trainer(config, host, plugins, run_dir, data, label=label)
+    trainer = Trainer(config, host, plugins, run_dir, data, label=label, context=context)
     result = trainer.fit(resume=resume)
     batches = trainer.batch_losses(data.test, max_batches=config.validate_.perplexity_batches,
                                    desc=f"{label} test perplexity")
@@ -178,7 +179,7 @@ def train_one(config: RunConfig, host: PluginHost, resume: bool = False) -> Path
     trainer, result, summary = train_and_evaluate(config, host, config.plugins, run_dir, data, "train", resume)
     if trainer.rank == 0:
         ended = host.call_each("on_train_end", host.active(config.plugins), model=result.model, metrics=summary,
-                               run_dir=run_dir, config=config)
+                               run_dir=run_dir, config=config, context=trainer.context)
         _write_training_files(run_dir, {"train": result.metrics}, {"train": summary}, data)
         _save_model_artifacts(result.model, data, run_dir)
         write_json(run_dir / "optimization_analysis.json", optimization_analysis(host, config, {"train": summary}))
@@ -186,8 +187,7 @@ def train_one(config: RunConfig, host: PluginHost, resume: bool = False) -> Path
         write_json(run_dir / "environment.json", env)
         # Plugins' sections go in as written: their image paths are relative to run_dir, where report.md is.
         report = training_report(config, {"train": summary}, host, env) + "".join(
-            f"\n## {plugin}\n\n{r['report_markdown'].strip()}\n" for plugin, r in ended.items()
-            if isinstance(r, dict) and isinstance(r.get("report_markdown"), str))
+            f"\n## {plugin}\n\n{section.markdown.strip()}\n" for plugin, section in ended.items() if section)
         atomic_write_text(run_dir / "report.md", report)
     log.info("train: test perplexity %.2f (unigram baseline %.2f)", summary["test_perplexity"], data.unigram_perplexity)
     return run_dir
@@ -211,8 +211,16 @@ TRAINING_HOOKS = ("on_model_load", "transform_forward", "on_train_start", "on_tr
 
 
 def changes_training(host: PluginHost, plugins: Sequence[str]) -> bool:
-    return any(impl.plugin_name in plugins for hook in TRAINING_HOOKS
-               for impl in getattr(host.pm.hook, hook).get_hookimpls())
+    return any(host.implements(hook, name) for hook in TRAINING_HOOKS for name in plugins)
+
+
+def _baseline_handle(results: dict, summaries: dict) -> BaselineHandle | None:
+    from .checkpoint import latest_checkpoint
+
+    if "baseline" not in results:
+        return None
+    result = results["baseline"]
+    return BaselineHandle(result.model, latest_checkpoint(result.run_dir), summaries["baseline"])
 
 
 class _TrainingPeak:
@@ -252,20 +260,22 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
     for label, plugins in variants.items():
         # on_epoch_end adapts settings in place; every variant starts from the configured values.
         host.settings = {n: s.model_copy(deep=True) if s is not None else None for n, s in initial_settings.items()}
+        out = run_dir / label
+        context = RunContext(config, data, run_dir, out, label, list(plugins), _baseline_handle(results, summaries),
+                             recorder=host.recorder)
         if plugins and not changes_training(host, plugins):
             # Same seed, data and forward as the baseline: training again would give the same weights.
+            host.begin_variant(context, plugins)  # its plugins still infer and export
             host.recorder("core", "run")("training_shared", variant=label, reason="no selected plugin changes training")
             results[label], summaries[label] = results["baseline"], dict(summaries["baseline"], shared_with="baseline")
             continue
-        out = run_dir / label
         peak = _TrainingPeak()
-        _, result, summary = train_and_evaluate(config, host, plugins, out, data, label)
+        _, result, summary = train_and_evaluate(config, host, plugins, out, data, label, context=context)
         summary.update(peak.read())
         summary["adaptations"] = result.metrics.adaptations
         ended = host.call_each("on_train_end", host.active(plugins), model=result.model, metrics=summary,
-                               run_dir=out, config=config)
-        sections += [(plugin, label, r["report_markdown"]) for plugin, r in ended.items()
-                     if isinstance(r, dict) and isinstance(r.get("report_markdown"), str)]
+                               run_dir=out, config=config, context=context)
+        sections += [(plugin, label, section.markdown) for plugin, section in ended.items() if section]
         _save_model_artifacts(result.model, data, out)
         summary["plugin_settings"] = {n: s.model_dump(mode="json") for n, s in host.settings.items()
                                       if n in plugins and s is not None}
@@ -273,6 +283,7 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
     trained = {k: r for k, r in results.items() if "shared_with" not in summaries[k]}
     _write_training_files(run_dir, {k: r.metrics for k, r in trained.items()}, summaries, data)
     validation = validate_variants(config, host, results, variants, data, run_dir)
+    host.use_variant(None)
     write_json(run_dir / "optimization_analysis.json", optimization_analysis(host, config, summaries))
     env = environment(host)
     write_json(run_dir / "environment.json", env)
@@ -292,23 +303,26 @@ def validate_variants(config: RunConfig, host: PluginHost, results: dict, varian
     final = "optimized" if "optimized" in variants else "baseline"
     if host.active(variants[final]):  # exports take tens of seconds: say what is going on
         log.info("export: on_export of %s into %s", ", ".join(host.active(variants[final])), run_dir / "export")
+    host.use_variant(final)
     exports = host.call_each("on_export", host.active(variants[final]), model=results[final].model,
-                             tokenizer=data.tokenizer, export_dir=run_dir / "export", config=config)
+                             tokenizer=data.tokenizer, export_dir=run_dir / "export", config=config,
+                             context=host.contexts.get(final))
     with tempfile.TemporaryDirectory(prefix="ryzen-validate-") as workdir:
         plan = plan_variants([Variant(label, results[label].model, plugins) for label, plugins in variants.items()],
                              host, config, data.tokenizer, Path(workdir))
         for plugin, result in exports.items():
-            result = result or {}
+            if result is None:
+                continue
             # A plugin may hand over live backends (used inline); a worker loads the export from disk itself.
-            live = result.pop("backends", None) or {}
-            for name, path in (result.get("exports") or {}).items():
+            live = result.backends
+            for name, path in result.exports.items():
                 entry = export_entry(host, name, Path(path), live.get(name), config.validate_.isolation)
                 if entry is None:
                     host.disable(plugin, "load_backend", f"no plugin can load the export {path}")
                 else:
                     plan.backends[name], plan.fidelity_reference[name] = entry, plan.own_fp32[final]
         report = _validate_plan(plan, host, config, data)
-    report["exports"] = exports
+    report["exports"] = {plugin: result.report() for plugin, result in exports.items() if result is not None}
     write_json(run_dir / "inference_validation_report.json", report)
     plot_validation(report, run_dir / "inference_validation.png")
     plot_runtime(report["runtime_table"], run_dir / "runtime_tradeoff.png")
@@ -341,7 +355,7 @@ def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginH
         f"# Ryzen run: plugins {', '.join(config.plugins) or 'none'}",
         "",
         f"Machine: {env['cpu']['model']}, {env['cpu']['usable_cores']} usable cores, torch {env['versions']['torch']}, "
-        f"onnxruntime {env['versions']['onnxruntime']}. Every figure below was measured in this run.",
+        f"onnxruntime {env['versions']['onnxruntime'] or 'not installed'}. Every figure below was measured in this run.",
         "",
     ]
     if host.disabled:
@@ -370,6 +384,19 @@ def training_report(config: RunConfig, summaries: dict[str, dict], host: PluginH
     return "\n".join(lines)
 
 
+def _plugins_by_variant(run_dir: Path) -> dict[str, list[str]]:
+    """Which plugins each variant of a finished run was trained with, as its training report says."""
+    import json
+
+    try:
+        runs = json.loads((run_dir / "training_metrics_report.json").read_text())["runs"]
+        return {label: [str(p) for p in run["summary"]["plugins"]] for label, run in runs.items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("bench infer: cannot read the variants' plugins from training_metrics_report.json (%s); "
+                    "measuring every variant without its plugins' on_infer", exc)
+        return {}
+
+
 def bench_inference(run_dir: Path, host: PluginHost, config: RunConfig) -> dict[str, Any]:
     """`ryzen bench infer`: validate the trained models and exports of an earlier run again, without training."""
     import tempfile
@@ -385,14 +412,14 @@ def bench_inference(run_dir: Path, host: PluginHost, config: RunConfig) -> dict[
         directories = [run_dir]
     if not directories:
         raise CheckpointError(f"{run_dir} holds no trained model (no training_checkpoint/LATEST)")
-    variants = []
+    variants, trained_with = [], _plugins_by_variant(run_dir)
     for directory in directories:
         model = build_model(config.model, data.tokenizer.vocab_size)
         load_weights(model, latest_checkpoint(directory))
-        # Variants are named after their plugins (see run_pipeline): apply their on_infer as the run did.
-        plugins = [] if not variants else ([directory.name.removeprefix("only-")]
-                                           if directory.name.startswith("only-") else config.plugins)
-        variants.append(Variant(directory.name, model, plugins, latest_checkpoint(directory)))
+        label = directory.name if directory != run_dir else "train"
+        plugins = trained_with.get(label, [])  # apply their on_infer as the run did
+        host.begin_variant(RunContext(config, data, run_dir, directory, label, plugins, recorder=host.recorder), plugins)
+        variants.append(Variant(label, model, plugins, latest_checkpoint(directory)))
     final = "optimized" if any(v.label == "optimized" for v in variants) else variants[0].label
     cfg = config.validate_
     with tempfile.TemporaryDirectory(prefix="ryzen-validate-") as workdir:

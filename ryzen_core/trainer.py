@@ -23,12 +23,15 @@ import torch.distributed as dist
 
 from .checkpoint import find_checkpoint, load_checkpoint, remove_orphans, save_checkpoint, set_aside
 from .config import RunConfig
+from .context import RunContext
 from .data import BatchSampler, PreparedData
 from .errors import TrainingError
 from .forward import Forward, reference_forward
+from .hardware import native_bf16
 from .metrics import MetricsCollector
 from .models.build import build_model
-from .plugins import Event, PluginHost, describe_error, json_value
+from .errors import PluginError
+from .plugins import Event, PluginHost, describe_error
 from .progress import Progress, progress
 
 log = logging.getLogger(__name__)
@@ -46,18 +49,6 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         return dict(self.metrics.summary(), stopped_because=self.stopped_because, plugins=self.plugins,
                     disabled_plugins=self.disabled)
-
-
-def cpu_has_native_bf16() -> bool:
-    capability = torch.backends.cpu.get_cpu_capability()
-    return capability in ("AVX512_BF16", "AMX") or "AMX" in capability or _cpuinfo_has("avx512_bf16")
-
-
-def _cpuinfo_has(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def lr_factor(step: int, warmup: int, total: int | None, min_ratio: float) -> float:
@@ -81,9 +72,12 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
 
 class Trainer:
     def __init__(self, config: RunConfig, host: PluginHost, plugins: Sequence[str], run_dir: Path,
-                 data: PreparedData, label: str = "train"):
+                 data: PreparedData, label: str = "train", context: RunContext | None = None):
         self.config, self.host, self.run_dir, self.data, self.label = config, host, Path(run_dir), data, label
         self.plugins = list(plugins)
+        self.context = context or RunContext(config, data, self.run_dir, self.run_dir, label, self.plugins,
+                                             recorder=host.recorder)
+        host.begin_variant(self.context, self.plugins)
         self.tc = config.train
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -91,7 +85,8 @@ class Trainer:
             torch.set_num_threads(self.tc.threads)
         torch.manual_seed(self.tc.seed)  # same init for the baseline and every optimized run
         self.model = build_model(config.model, data.tokenizer.vocab_size)
-        self.host.call_each("on_model_load", self.plugins, model=self.model, tokenizer=data.tokenizer, config=config)
+        self.host.call_each("on_model_load", self.plugins, model=self.model, tokenizer=data.tokenizer, config=config,
+                            context=self.context)
         self.reference = reference_forward(self.model)
         self.forward = self._fold_forward()
         self.optimizer = build_optimizer(self.model, self.tc)
@@ -100,7 +95,8 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.tc.warmup_steps, self.total_steps, self.tc.min_lr_ratio))
-        self.host.call_each("on_train_start", self.active_plugins, model=self.model, optimizer=self.optimizer, config=config)
+        self.host.call_each("on_train_start", self.active_plugins, model=self.model, optimizer=self.optimizer,
+                            config=config, context=self.context)
         self.sampler = BatchSampler(len(data.train), self.tc.batch_size, self.tc.seed, self.rank, self.world_size)
         self.batches_per_epoch = len(self.sampler.batches_for_epoch(0))
         if self.batches_per_epoch == 0:
@@ -110,7 +106,7 @@ class Trainer:
         self.step, self.micro_batches, self.elapsed = 0, 0, 0.0
         self.best_val, self.evals_since_best, self.bad_in_row = math.inf, 0, 0
         self._epoch_cache: tuple[int, list[torch.Tensor]] | None = None
-        self.autocast = self.tc.precision == "bf16" or (self.tc.precision == "auto" and cpu_has_native_bf16())
+        self.autocast = self.tc.precision == "bf16" or (self.tc.precision == "auto" and native_bf16())
 
     @property
     def active_plugins(self) -> list[str]:
@@ -121,7 +117,7 @@ class Trainer:
         forward, self.stages = self.reference, []
         for name in self.active_plugins:
             wrapped = self.host.fold("transform_forward", [name], "forward", forward, model=self.model,
-                                     config=self.config)
+                                     config=self.config, context=self.context)
             if wrapped is not forward:
                 self.stages.append((name, wrapped))
             forward = wrapped
@@ -283,14 +279,14 @@ class Trainer:
         val_loss = self.evaluate()
         row = self.metrics.log_eval(self.step, self.step * self.tokens_per_step, val_loss, self.elapsed)
         epoch = len(self.metrics.evals)
-        changes = self.host.call_each("on_epoch_end", self.active_plugins, epoch=epoch, metrics=dict(row),
-                                      model=self.model, config=self.config)
-        for name, change in changes.items():
-            if not change:
+        adaptations = self.host.call_each("on_epoch_end", self.active_plugins, epoch=epoch, metrics=dict(row),
+                                          model=self.model, config=self.config, context=self.context)
+        for name, adaptation in adaptations.items():
+            if adaptation is None:
                 continue
             try:
-                change = json_value(change, "its result")
-            except TypeError as exc:  # it would break the next checkpoint; the plugin goes like any failing one
+                change = self.host.apply_adaptation(name, adaptation)
+            except (TypeError, PluginError) as exc:  # it would break the next checkpoint: the plugin goes
                 self.host.disable(name, "on_epoch_end", f"returned {exc}")
                 continue
             self.metrics.log_adaptation(self.step, name, change)
@@ -314,6 +310,7 @@ class Trainer:
             "evals_since_best": self.evals_since_best, "metrics": self.metrics.state(),
             "disabled": self.host.disabled, "events": [e.__dict__ for e in self.host.events],
             "plugin_settings": {n: s.model_dump(mode="json") for n, s in self.host.settings.items() if s is not None},
+            "plugin_state": self.host.plugin_state(),
         }
 
     def save(self) -> None:
@@ -343,6 +340,9 @@ class Trainer:
         for name, values in state["plugin_settings"].items():
             if self.host.settings.get(name) is not None:
                 self.host.settings[name] = type(self.host.settings[name]).model_validate(values)
+                if (inst := self.host.instance(name)) is not None:
+                    inst.settings = self.host.settings[name]
+        self.host.load_plugin_state(state.get("plugin_state") or {})
         self.forward = self._fold_forward()
         log.info("%s: resumed from %s at step %d", self.label, path, self.step)
         return True
@@ -350,9 +350,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------
     def _finalize(self) -> None:
         """Let plugins settle the weights (e.g. swap in an EMA); re-measure validation loss if one did."""
-        hooked = {impl.plugin_name for impl in self.host.pm.hook.on_train_finalize.get_hookimpls()}
-        finalizers = [name for name in self.active_plugins if name in hooked]
-        self.host.call_each("on_train_finalize", finalizers, model=self.model, config=self.config)
+        finalizers = [name for name in self.active_plugins if self.host.implements("on_train_finalize", name)]
+        self.host.call_each("on_train_finalize", finalizers, model=self.model, config=self.config, context=self.context)
         if finalizers:
             val_loss = self.evaluate()
             self.metrics.log_eval(self.step, self.step * self.tokens_per_step, val_loss, self.elapsed)
@@ -377,7 +376,8 @@ class Trainer:
                 self.train_step()
                 row = self.metrics.steps[-1]
                 self.host.call_each("on_train_batch_end", self.active_plugins, step=self.step, model=self.model,
-                                    optimizer=self.optimizer, metrics=dict(row), config=self.config)
+                                    optimizer=self.optimizer, metrics=dict(row), config=self.config,
+                                    context=self.context)
                 bar.update(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
                 stopped = self._done()
                 if self.step % self.tc.eval_every == 0 or stopped:

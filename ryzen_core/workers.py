@@ -69,10 +69,14 @@ class TorchRecipe:
     plugin_settings: dict[str, Any] = field(default_factory=dict)
     run_config: dict[str, Any] | None = None
     tokenizer_dir: str | None = None
+    variant: str = "baseline"
+    plugin_state: dict[str, Any] = field(default_factory=dict)
+    """Each class plugin's state_dict, restored on the worker's instance of it."""
 
     def build(self) -> Backend:
         from .checkpoint import load_weights
         from .config import ModelConfig, RunConfig
+        from .context import RunContext
         from .data import Tokenizer
         from .models.build import build_model
 
@@ -88,6 +92,11 @@ class TorchRecipe:
         host.settings = {n: models[n].model_validate(s) for n, s in self.plugin_settings.items() if n in models}
         config = RunConfig.model_validate(self.run_config or {})
         tokenizer = Tokenizer.load(self.tokenizer_dir) if self.tokenizer_dir else None
+        # A worker generates only: no prepared data; the run directory is the config's.
+        out = Path(config.output.dir) if config.output.dir else Path(".")
+        host.begin_variant(RunContext(config, None, out, out / self.variant, self.variant, list(self.infer_plugins),
+                                      recorder=host.recorder), self.infer_plugins)
+        host.load_plugin_state(self.plugin_state)
         backend = torch_backend(model, self.name, host, self.infer_plugins, tokenizer, config)
         backend.plugin_events = [dict(e.__dict__) for e in host.events]
         backend.plugin_disabled = dict(host.disabled)
@@ -106,7 +115,7 @@ class ExportRecipe:
 
     def build(self) -> Backend:
         host = _installed_host(self.plugins)
-        backend = host.pm.hook.load_backend(path=Path(self.path))
+        backend = host.first("load_backend", self.plugins, path=Path(self.path))
         if backend is None:
             raise ValueError(f"none of the plugins {list(self.plugins)} can load the export {self.path}")
         if self.name is not None:
@@ -384,10 +393,6 @@ class ValidationPlan:
     own_fp32: dict[str, str] = field(default_factory=dict)
 
 
-def _implements(host, hook: str, plugin: str) -> bool:
-    return any(impl.plugin_name == plugin for impl in getattr(host.pm.hook, hook).get_hookimpls())
-
-
 def _installed(host, plugin: str) -> bool:
     """Loaded from an installed distribution, so a worker process can load it too (a plugin registered
     in this process by code, as tests do, exists only here)."""
@@ -423,11 +428,13 @@ class _Builder:
 
     def build(self, variant: Variant, name: str, infer: list[str], runner: str = "torch") -> Any:
         not_installed = [p for p in infer if not _installed(self.host, p)]
+        self.host.use_variant(variant.label)  # on_infer runs on this variant's plugin instances
         if self.process and not not_installed:
             settings = {p: s.model_dump(mode="json") for p in infer if (s := self.host.settings.get(p)) is not None}
             recipe = TorchRecipe(name, self.config.model.model_dump(mode="json"), self.tokenizer.vocab_size,
                                  self._weights_file(variant), runner, tuple(infer), settings,
-                                 self.config.dump() if infer else None, self._tokenizer() if infer else None)
+                                 self.config.dump() if infer else None, self._tokenizer() if infer else None,
+                                 variant.label, self.host.plugin_state() if infer else {})
             # Started now when plugins may wrap generation: whether they did decides what is measured.
             cfg = self.config.validate_
             return ProcessWorker(recipe, pinned_threads(cfg), cfg.worker_timeout_s) if infer else recipe
@@ -456,7 +463,7 @@ def plan_variants(variants: list[Variant], host, config, tokenizer, workdir: Pat
     for variant in variants:
         is_baseline = variant is variants[0]
         name = "torch" if is_baseline else f"torch-{variant.label}"
-        infer = [p for p in host.active(variant.plugins) if _implements(host, "on_infer", p)]
+        infer = [p for p in host.active(variant.plugins) if host.implements("on_infer", p)]
         same_weights = variant.model is base
         entry = builder.build(variant, name, infer) if is_baseline or infer or not same_weights else None
         plain = not infer or _left_generation_plain(entry)
@@ -479,10 +486,10 @@ def plan_variants(variants: list[Variant], host, config, tokenizer, workdir: Pat
 def export_entry(host, name: str | None, path: Path, live: Backend | None, isolation: str) -> Any:
     """An export as `validate` takes it: a recipe whose worker asks the installed plugins' load_backend,
     or (inline, or no installed plugin can load exports) the plugin's live backend or one loaded here."""
-    loaders = tuple(p for p in host.loaded_names() if _installed(host, p) and _implements(host, "load_backend", p))
+    loaders = tuple(p for p in host.loaded_names() if _installed(host, p) and host.implements("load_backend", p))
     if isolation == "process" and loaders:
         return ExportRecipe(str(path), loaders, name)
-    backend = live or host.pm.hook.load_backend(path=Path(path))
+    backend = live or host.first("load_backend", host.loaded_names(), path=Path(path))
     if backend is None or isolation == "inline":
         return backend
     return InlineWorker(backend, "no installed plugin implements load_backend, so a worker process cannot load it")
