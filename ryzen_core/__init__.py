@@ -27,6 +27,7 @@ _LAZY = {
     "PluginHost": "plugins", "load_plugins": "plugins", "create_plugin_manager": "plugins",
     "prepare_data": "data", "load_data": "run", "PreparedData": "data", "Tokenizer": "data",
     "train_tokenizer": "data", "load_documents": "data", "split_documents": "data",
+    "pack": "data", "unigram_perplexity": "data",  # to build a PreparedData of one's own token streams
     "Trainer": "trainer", "TrainResult": "trainer", "build_optimizer": "trainer",
     "Forward": "forward", "ForwardOutput": "forward", "reference_forward": "forward",
     "latest_checkpoint": "checkpoint", "load_weights": "checkpoint",
@@ -40,7 +41,7 @@ _LAZY = {
     "lm_logits": "models", "last_hidden": "models", "model_outputs": "models",
     # inference backends
     "Backend": "backends", "TorchBackend": "backends", "OnToken": "backends", "quality_class": "runtime_table",
-    "validate": "validator", "time_generation": "validator",
+    "validate": "validator", "time_generation": "generation_timing",
     # measuring: the paired interleaved comparison and its verdict
     "paired_ratios": "measure", "compare_pairs": "measure", "PairedComparison": "measure", "summarize": "measure",
     "format_ratio": "measure", "measure_until_narrow": "measure", "median_interval": "measure",

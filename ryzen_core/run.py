@@ -231,12 +231,12 @@ class _TrainingPeak:
     """
 
     def __init__(self):
-        from .validator import current_rss_mib, reset_process_peak_rss
+        from .generation_timing import current_rss_mib, reset_process_peak_rss
 
         self.rss_at_start_mb, self.reset = current_rss_mib(), reset_process_peak_rss()
 
     def read(self) -> dict[str, Any]:
-        from .validator import process_peak_rss_mib
+        from .generation_timing import process_peak_rss_mib
 
         if not self.reset:
             return {"rss_at_start_mb": self.rss_at_start_mb, "peak_rss_scope": "process (could not be reset)"}

@@ -25,7 +25,7 @@ import torch
 from .backends import Backend, HFGenerateBackend, TorchBackend, backend_facts, torch_backend
 from .models import is_hf_model
 from .plugins import describe_error
-from .validator import (GenerationTiming, PeakRssSampler, current_rss_mib, perplexity, process_peak_rss_mib,
+from .generation_timing import (GenerationTiming, PeakRssSampler, current_rss_mib, perplexity, process_peak_rss_mib,
                         time_generation)
 
 ISOLATED_ENV = "RYZEN_BACKEND_ISOLATED"

@@ -9,7 +9,7 @@ import torch
 from ryzen_core.backends import HFGenerateBackend, TorchBackend
 from ryzen_core.config import ValidateConfig
 from ryzen_core.models import Transformer, TransformerConfig, generate_no_cache, hf_model_from_config, tiny_llama_config
-from ryzen_core import validator
+from ryzen_core import generation_timing, validator
 from ryzen_core.measure import compare_pairs, conditions
 from ryzen_core.validator import (
     PeakRssSampler,
@@ -67,7 +67,7 @@ class ClockedBackend:
 
 def test_time_generation_separates_prefill_from_decode_and_counts_tokens(monkeypatch):
     clock = FakeClock()  # a fake clock, so the figures are exact on a machine of any speed or load
-    monkeypatch.setattr(validator, "time", clock)
+    monkeypatch.setattr(generation_timing, "time", clock)
     backend = ClockedBackend(TorchBackend(tiny_model()), clock, prefill_s=0.3, step_s=0.01)
     prompts = packed_rows(3)[:, :10]
     timing = time_generation(backend, prompts, new_tokens=6)

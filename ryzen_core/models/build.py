@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import ModelConfig
 from .hf import hf_model_from_config, load_hf_model
 from .transformer import PRESETS, Transformer, TransformerConfig
+
+if TYPE_CHECKING:  # config imports this module to check sizes
+    from ..config import ModelConfig
 
 SIZE_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "context_length")
 
