@@ -3,12 +3,9 @@ rounds (baseline steps, then candidate steps, repeated) in one process and compa
 `ryzen_core.measure` does (median ratio, 95% interval, verdict only when it excludes 1).
 
 Utilization is stated twice: against the matmul rate measured on this machine
-(`hardware_limits.gemm_rates`) and against the computed peak below.
-
-Peak FLOP/s is computed, not looked up: usable cores x clock x FLOPs per cycle per core,
-where FLOPs per cycle follow from the widest vector unit the CPU reports. The numbers of
-FMA units per core is not visible from software; we assume 2 for AVX-512 cores and 2 for
-AVX2 cores (true of current server parts) and say so in every report.
+(`hardware_limits.gemm_rates`) and against the peak computed from the CPU's features
+(`hardware.peak_flops`: usable cores x clock x FLOPs per cycle of the widest vector unit, with
+the number of FMA units per core assumed and said so in every report).
 """
 from __future__ import annotations
 
@@ -18,39 +15,11 @@ from typing import Any, Sequence
 import torch
 
 from .config import RunConfig
+from .hardware import cpu_features, peak_flops
 from .hardware_limits import GEMM_SIZE, gemm_rates, utilization
 from .measure import (PairedComparison, busy_warning, compare_pairs, conditions, format_ratio, load_snapshot,
                       measure_until_narrow, summarize)
 from .plugins import PluginHost
-
-FMA_UNITS = 2
-AMX_BF16_FLOPS_PER_CYCLE = 1024  # one AMX tile unit: 16x32 bf16 dot products per cycle (Intel's figure)
-
-
-def peak_flops() -> dict[str, Any]:
-    """Theoretical peak FLOP/s of the cores this process may use, fp32 and bf16, with the assumptions."""
-    import os
-
-    from .report import cpu_info
-
-    info = cpu_info()
-    flags = set(info.get("flags", []))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    hz = (info.get("hz_actual") or info.get("hz_advertised") or [0])[0]
-    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
-    fp32_per_cycle = 2 * lanes * FMA_UNITS  # an FMA is 2 FLOPs per lane
-    if {"amx_bf16", "amx_tile"} <= flags:
-        bf16_per_cycle, bf16_unit = AMX_BF16_FLOPS_PER_CYCLE, "AMX-BF16"
-    elif "avx512_bf16" in flags or "avx512bf16" in flags:
-        bf16_per_cycle, bf16_unit = 2 * fp32_per_cycle, "AVX-512 BF16 (vdpbf16ps: 2 products per fp32 lane)"
-    else:
-        bf16_per_cycle, bf16_unit = fp32_per_cycle, "none (bf16 runs at the fp32 rate at best)"
-    return {
-        "cores": cores, "clock_hz": hz, "vector_lanes_fp32": lanes, "fma_units_assumed": FMA_UNITS,
-        "fp32_flops": cores * hz * fp32_per_cycle, "bf16_flops": cores * hz * bf16_per_cycle,
-        "bf16_unit": bf16_unit,
-        "formula": "cores x clock x FLOPs/cycle; fp32 FLOPs/cycle = 2 (FMA) x lanes x FMA units",
-    }
 
 
 def bench_train(config: RunConfig, host: PluginHost, plugins: Sequence[str], rounds: int, steps_per_round: int,
@@ -114,7 +83,7 @@ def _pct(x: float | None) -> str:
 
 
 def train_bench_markdown(result: dict[str, Any], config: RunConfig) -> str:
-    from .report import cpu_description, markdown_table
+    from .report import markdown_table
 
     peak, measured = result["peak"], result.get("measured_gemm") or {}
     rows = []
@@ -130,7 +99,7 @@ def train_bench_markdown(result: dict[str, Any], config: RunConfig) -> str:
         f"Training throughput, preset {config.model.preset}, batch {config.train.batch_size} x "
         f"{config.data.seq_len} tokens, {result['rounds']} rounds of {result['steps_per_round']} steps per side "
         f"after {result['warmup_rounds']} warm-up round, interleaved.",
-        f"Machine: {cpu_description()['model']}, {peak['cores']} cores at {peak['clock_hz'] / 1e9:.2f} GHz. "
+        f"Machine: {cpu_features().model}, {peak['cores']} cores at {peak['clock_hz'] / 1e9:.2f} GHz. "
         f"Computed peak fp32 {peak['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16_flops'] / 1e9:.0f} GFLOP/s "
         f"({peak['bf16_unit']}; {peak['fma_units_assumed']} FMA units per core assumed). Measured "
         f"{GEMM_SIZE}x{GEMM_SIZE} matmul on {result['torch_threads']} threads: {gemm} GFLOP/s.",

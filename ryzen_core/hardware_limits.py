@@ -1,7 +1,7 @@
 """What this machine actually does: its matrix-multiply rate per dtype and its memory read bandwidth,
 measured on the live machine and cached, so utilization figures have a measured denominator.
 
-A computed peak (`bench.peak_flops`) assumes a clock and a number of FMA units; the real machine
+A computed peak (`hardware.peak_flops`) assumes a clock and a number of FMA units; the real machine
 may turbo above that clock or fail to reach it, and bf16 may or may not run on a matrix unit.
 Reports state both: utilization against the computed peak and against the measured rate.
 
@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import atomic_write_text
+from .hardware import cpu_features, native_bf16
 
 GEMM_SIZE = 2048
 GEMM_REPEATS = 3
@@ -35,15 +36,12 @@ BANDWIDTH_REPEATS = 5
 BANDWIDTH_MIN_SECONDS = 0.3
 """Small working sets are read again until this much time has passed: on a shared machine a short
 run is often descheduled, and the best of many is the machine's rate."""
-NATIVE_BF16_FLAGS = {"avx512_bf16", "avx512bf16", "amx_bf16"}
 
 
 def signature() -> dict[str, Any]:
     """What the measured rates depend on: the CPU, the cores we may use, torch and its threads."""
-    from .report import cpu_description
-
-    cpu = cpu_description()
-    return {"cpu": cpu["model"], "flags": cpu["flags"], "usable_cores": cpu["usable_cores"],
+    cpu = cpu_features()
+    return {"cpu": cpu.model, "flags": cpu.present, "usable_cores": cpu.usable_cores,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
@@ -94,10 +92,9 @@ def measure_gemm(dtype: torch.dtype, n: int = GEMM_SIZE, repeats: int = GEMM_REP
 
 def gemm_rates(cache_dir: str | Path | None = None, n: int = GEMM_SIZE) -> dict[str, Any]:
     """Measured matmul FLOP/s per dtype ('fp32', and 'bf16' or None where the CPU has no native bf16)."""
-    native_bf16 = bool(NATIVE_BF16_FLAGS & set(signature()["flags"]))
     rates = {"fp32": _cached(cache_dir, "gemm", f"fp32:{n}", lambda: measure_gemm(torch.float32, n)),
              "bf16": _cached(cache_dir, "gemm", f"bf16:{n}", lambda: measure_gemm(torch.bfloat16, n))
-             if native_bf16 else None}
+             if native_bf16() else None}
     return dict(rates, threads=torch.get_num_threads(),
                 method=f"best of {GEMM_REPEATS} torch.matmul of {n}x{n} after a warm-up, 2n^3 FLOPs; "
                        f"bf16 only with native bf16; cached in {cache_path(cache_dir)}")

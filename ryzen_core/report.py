@@ -2,10 +2,8 @@
 plus the environment fingerprint every report carries."""
 from __future__ import annotations
 
-import functools
 import json
 import math
-import os
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
@@ -26,32 +24,11 @@ def package_version(dist: str) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_info() -> dict[str, Any]:
-    """py-cpuinfo's view of this CPU, read once per process: each read starts a subprocess (about 1 s)."""
-    import cpuinfo
-
-    return cpuinfo.get_cpu_info()
-
-
-def cpu_description() -> dict[str, Any]:
-    info = cpu_info()
-    flags = set(info.get("flags", []))
-    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni", "avx512_bf16",
-              "avx512bf16", "amx_bf16", "amx_int8", "amx_tile"]
-    return {
-        "model": info.get("brand_raw"),
-        "vendor": info.get("vendor_id_raw"),
-        "arch": info.get("arch"),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "flags": sorted(f for f in wanted if f in flags),
-    }
-
-
 def environment(host=None) -> dict[str, Any]:
     """What the figures in a report were measured on."""
     import torch
+
+    from .hardware import cpu_description
 
     env = {
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

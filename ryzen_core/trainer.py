@@ -93,10 +93,11 @@ class Trainer:
         self.seq_len = data.train.shape[1] - 1
         self.tokens_per_step = self.tc.batch_size * self.tc.grad_accum * self.seq_len * self.world_size
         self.total_steps = self._total_steps()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.tc.warmup_steps, self.total_steps, self.tc.min_lr_ratio))
+        # Before the schedule exists: a learning rate a plugin sets here is the peak the schedule scales.
         self.host.call_each("on_train_start", self.active_plugins, model=self.model, optimizer=self.optimizer,
                             config=config, context=self.context)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.tc.warmup_steps, self.total_steps, self.tc.min_lr_ratio))
         self.sampler = BatchSampler(len(data.train), self.tc.batch_size, self.tc.seed, self.rank, self.world_size)
         self.batches_per_epoch = len(self.sampler.batches_for_epoch(0))
         if self.batches_per_epoch == 0:

@@ -54,7 +54,7 @@ def _events(run_dir, name):
 
 
 @pytest.mark.slow
-def test_each_variant_gets_its_own_instance_and_report_sections_reach_the_report(ryzen_cache_dir, tmp_path):
+def test_on_train_end_sections_reach_the_report_and_each_variant_gets_its_own_instance(ryzen_cache_dir, tmp_path):
     config = make_config(ryzen_cache_dir, plugins=["counter", "other"], out_dir=tmp_path / "run")
     host = make_host({"counter": Counter, "other": Other}, config)
     run_dir = run_tiny(host, config, ablate=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ryzen_core.report import cpu_description
+from ryzen_core import cpu_features
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     gaps = [100 * (s["grpo_majority8"] - s["grpo_greedy"]) for s in per_seed]
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"cpu": cpu_description()["model"], "usable_cores": len(os.sched_getaffinity(0)), "torch_threads": args.threads,
+        "machine": {"cpu": cpu_features().model, "usable_cores": len(os.sched_getaffinity(0)), "torch_threads": args.threads,
                     "torch": torch.__version__, "python": platform.python_version(),
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "task": {"name": task.name, "options": settings.task_options, "eval_problems": len(problems),

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ryzen_core import cpu_features
 from ryzen_core.measure import compare_pairs, format_ratio
-from ryzen_core.report import cpu_description
 
 
 def busy_jiffies() -> int:
@@ -99,7 +99,7 @@ def main() -> None:
         other_cores = max(0.0, (busy_jiffies() - busy_before) / ticks - own_cpu) / (time.perf_counter() - wall_before)
 
     params = model.num_parameters()
-    print(f"machine: {cpu_description()['model']}, {args.threads} threads; torch {torch.__version__}, "
+    print(f"machine: {cpu_features().model}, {args.threads} threads; torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}")
     print(f"model: built-in '{args.preset}' preset, vocab {config.vocab_size}, {params / 1e6:.2f}M parameters; "
           f"batch 1, prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, {args.pairs} rounds "
@@ -117,7 +117,7 @@ def main() -> None:
         print(f"| {name} | {statistics.median(values):.0f} | {min(values):.0f}-{max(values):.0f} | "
               f"{format_ratio(vs_torch)} | {vs_torch.verdict} | {size} |")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_description()["model"],
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu_features().model,
                                          "other_processes_cores": other_cores,
                                          "results": summary, "sizes_bytes": sizes}, indent=2) + "\n")
 

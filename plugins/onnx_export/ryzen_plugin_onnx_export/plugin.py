@@ -75,11 +75,11 @@ def resolve_reduce_range(setting: bool | str) -> tuple[bool, str]:
     """The reduce_range to quantize with, and why."""
     if isinstance(setting, bool):
         return setting, "set in config"
-    from ryzen_core.report import cpu_description
+    from ryzen_core import cpu_features
 
-    vnni = {"avx512_vnni", "avx512vnni", "avx_vnni", "avxvnni"} & set(cpu_description()["flags"])
-    if vnni:
-        return False, f"CPU has {sorted(vnni)[0]}: int8 products accumulate straight to int32, 8-bit weights are safe"
+    cpu = cpu_features()
+    if cpu.vnni:
+        return False, f"CPU has {'avx512_vnni' if cpu.has('avx512_vnni') else 'avx_vnni'}: int8 products accumulate straight to int32, 8-bit weights are safe"
     return True, "CPU has no VNNI: 7-bit weights keep the int16 intermediate of VPMADDUBSW from saturating"
 
 

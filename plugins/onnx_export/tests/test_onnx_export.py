@@ -174,7 +174,10 @@ def test_traced_export_and_dynamic_int8_still_work(tiny_model, tokenizer, traced
 @pytest.mark.parametrize("flags, expected", [(["avx2", "avx512f", "avx512_vnni"], False), (["avx2", "avx_vnni"], False),
                                              (["avx2", "fma"], True), (["avx2", "avx512f", "avx512bw"], True)])
 def test_int8_weight_range_follows_vnni(monkeypatch, flags, expected):
-    monkeypatch.setattr("ryzen_core.report.cpu_description", lambda: {"flags": flags})
+    from ryzen_core import CpuFeatures, hardware
+
+    cpu = CpuFeatures(model="test CPU", logical_cores=2, usable_cores=2, features=hardware.parse_flags(flags))
+    monkeypatch.setattr(hardware, "cpu_features", lambda mask=(): cpu)
     reduce_range, why = plugin.resolve_reduce_range("auto")
     assert reduce_range is expected and ("no VNNI" in why) == expected
     assert plugin.resolve_reduce_range(True) == (True, "set in config")

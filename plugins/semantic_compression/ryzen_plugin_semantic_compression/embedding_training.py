@@ -78,9 +78,9 @@ def native_bf16(setting: bool | str = "auto") -> bool:
     """bf16 autocast on or off; "auto": on where the CPU has native bf16 (AVX-512 BF16 or AMX)."""
     if setting != "auto":
         return bool(setting)
-    from ryzen_core.report import cpu_description
+    from ryzen_core import hardware
 
-    return bool({"avx512_bf16", "avx512bf16", "amx_bf16"} & set(cpu_description()["flags"]))
+    return hardware.native_bf16()
 
 
 def encode_pairs(embedder, pairs: Sequence[tuple[str, str]], max_tokens: int | None):

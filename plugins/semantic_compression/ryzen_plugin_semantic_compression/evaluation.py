@@ -32,10 +32,10 @@ SEARCHES: list[tuple[str, str | None]] = [("float32", None), ("int8", None), ("b
 
 
 def machine() -> dict[str, Any]:
-    from ryzen_core.report import cpu_description
+    from ryzen_core import cpu_features
 
-    cpu = cpu_description()
-    return {"cpu": cpu["model"], "usable_cores": cpu["usable_cores"], "torch_threads": torch.get_num_threads(),
+    cpu = cpu_features()
+    return {"cpu": cpu.model, "usable_cores": cpu.usable_cores, "torch_threads": torch.get_num_threads(),
             "load_average_1m": os.getloadavg()[0], "torch": torch.__version__}
 
 
