@@ -4,23 +4,12 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from ryzen_core.testing import TINY_OVERRIDES, tiny_sets  # noqa: F401  (tests import tiny_sets from here)
+
 REPO = Path(__file__).resolve().parents[1]
 
-# A run small enough for CI: tiny model, a dozen stdlib files, a few steps.
-TINY = [
-    "model.preset=tiny", "data.max_documents=12", "data.vocab_size=300", "data.seq_len=32",
-    "train.batch_size=4", "train.max_steps=6", "train.eval_every=3", "train.eval_batches=2",
-    "train.checkpoint_every=3", "train.warmup_steps=2",
-    "validate.prompt_len=8", "validate.new_tokens=4", "validate.batch_sizes=[1]", "validate.warmup=1",
-    "validate.repeats=2", "validate.max_repeats=3", "validate.perplexity_batches=2",
-]
-
-
-def tiny_sets(*extra: str) -> list[str]:
-    args = []
-    for item in [*TINY, *extra]:
-        args += ["--set", item]
-    return args
+# A run small enough for CI: the same tiny run plugin authors get from ryzen_core.testing.
+TINY = list(TINY_OVERRIDES)
 
 
 def make_distribution(root: Path, dist_name: str, entry_name: str, module_name: str, module_source: str) -> None:
