@@ -101,6 +101,24 @@ def plugins_command(ctx, as_json):
         click.echo(f"{'':<14} hooks: {', '.join(r['hooks']) or '-'}" if r["status"] == "loaded" else f"{'':<14} error: {r['error']}")
 
 
+@cli.group("plugin")
+def plugin_group():
+    """Start a plugin of your own."""
+
+
+@plugin_group.command("new")
+@click.argument("name")
+@click.option("--dir", "parent", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Where to create ryzen-plugin-NAME/.")
+def plugin_new_command(name, parent):
+    """Write ryzen-plugin-NAME/: the entry point NAME, a Plugin class with commented hooks, a README, tests."""
+    from .scaffold import new_plugin
+
+    target = new_plugin(name, parent)
+    click.echo(f"Wrote {target}. Next: pip install -e {target} && python -m pytest {target} "
+               f"&& ryzen run --plugins {name}")
+
+
 @cli.group("config")
 def config_group():
     """Show the effective config or its schema."""
