@@ -1,0 +1,8 @@
+"""Speculative decoding for Ryzen: drafts verified by the target model in one cached forward, so the
+output is exactly what plain decoding would give (greedy: the same tokens; sampling: the same distribution)."""
+
+from .decoding import SpeculationStats, speculative_generate
+from .drafters import PromptLookupDrafter
+from .settings import SpeculativeSettings
+
+__all__ = ["PromptLookupDrafter", "SpeculationStats", "SpeculativeSettings", "speculative_generate"]

@@ -1,0 +1,31 @@
+"""The `speculative:` section of a run config."""
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from ryzen_core import PluginSettings
+
+
+class SpeculativeSettings(PluginSettings):
+    """How drafts are made and how many are verified per target forward (README, Settings)."""
+
+    enabled: bool = True
+    """False leaves generation to the plain KV-cache loop (the plugin only records that)."""
+    max_draft: int = Field(8, ge=1, le=64)
+    """Most drafted tokens verified in one target forward."""
+    ngram_max: int = Field(3, ge=1, le=16)
+    """Prompt lookup: the longest suffix of the text so far searched for an earlier occurrence (tried first)."""
+    ngram_min: int = Field(1, ge=1, le=16)
+    """Prompt lookup: the shortest suffix tried before giving up on a draft for this step."""
+    adaptive: bool = True
+    """Adapt the draft length to the acceptance (+2 after a fully accepted draft, -1 otherwise) and pause
+    drafting while the acceptance stays below `min_acceptance`; False drafts `max_draft` tokens whenever a match exists."""
+    min_acceptance: float = Field(0.2, ge=0.0, le=1.0)
+    """Adaptive: below this running acceptance rate (drafted tokens accepted) drafting pauses, for a
+    number of steps that doubles each time it pauses again without a draft accepted in between."""
+
+    @model_validator(mode="after")
+    def _ngram_range(self):
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        return self
