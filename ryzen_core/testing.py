@@ -87,6 +87,47 @@ def run_tiny(host, config, ablate: bool = False) -> Path:
     return run_pipeline(config, host, ablate=ablate)
 
 
+def train_run_tiny(host, config) -> Path:
+    """A whole `ryzen train` on `config` -> its run directory (config.json, tokenizer/, checkpoints), as a user's."""
+    from .run import train_one
+
+    return train_one(config, host)
+
+
+def briefly_trained_model(tokenizer, text: str, kind: str = "builtin", steps: int = 30, seq_len: int = 24,
+                          seed: int = 0, **shape):
+    """A tiny model sized to `tokenizer`, trained `steps` AdamW steps on random windows of `text`, in eval mode.
+
+    `kind` "builtin": the "tiny" preset of the built-in Transformer (`shape` overrides its config);
+    "llama": an HF Llama from `tiny_llama_config(vocab, **shape)`. Trained, its logits are peaked
+    rather than near-uniform, so an export's or a quantized copy's top-1 agreement means something.
+    """
+    import torch
+
+    from .models import Transformer, TransformerConfig, hf_model_from_config, lm_logits, tiny_llama_config
+
+    torch.manual_seed(seed)
+    if kind == "builtin":
+        model = Transformer(TransformerConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, **shape))
+    elif kind == "llama":
+        model = hf_model_from_config(tiny_llama_config(tokenizer.vocab_size, **shape))
+    else:
+        raise ValueError(f"kind must be 'builtin' or 'llama', not {kind!r}")
+    ids = torch.tensor(tokenizer.encode(text))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (8,), generator=generator)
+        batch = torch.stack([ids[s:s + seq_len + 1] for s in starts])
+        logits = lm_logits(model, batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 HOOKS = ("on_model_load", "transform_forward", "on_train_start", "on_train_batch_end", "on_epoch_end",
          "on_train_finalize", "on_train_end", "on_infer", "on_export")
 

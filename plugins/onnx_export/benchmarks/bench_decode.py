@@ -1,6 +1,6 @@
 """Decode speed: onnxruntime (fp32, int8) vs torch eager, batch 1, KV cache, greedy.
 
-    python plugins/onnx_export/bench_decode.py --preset simple --pairs 7
+    python plugins/onnx_export/benchmarks/bench_decode.py --preset simple --pairs 7
 
 Builds a randomly initialised built-in Transformer (speed does not depend on the
 weights' values), exports it, then runs torch and each onnxruntime export interleaved
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ryzen_core import cpu_features
-from ryzen_core.measure import compare_pairs, format_ratio
+from ryzen_core import compare_pairs, cpu_features, format_ratio
 
 
 def busy_jiffies() -> int:
@@ -63,8 +62,8 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")  # exporter deprecation chatter; the table is the output
 
-    from ryzen_core.models import Transformer, TransformerConfig
-    from ryzen_core.models import generate as torch_generate
+    from ryzen_core import Transformer, TransformerConfig
+    from ryzen_core import generate as torch_generate
     from ryzen_plugin_onnx_export.export import export_onnx, export_size_bytes, quantize_int8
     from ryzen_plugin_onnx_export.runtime import OrtBackend
 

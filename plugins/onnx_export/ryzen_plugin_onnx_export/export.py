@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ryzen_core.errors import RyzenError
+from ryzen_core import RyzenError
 
 FORMAT = "ryzen-onnx"
 FORMAT_VERSION = 1
@@ -143,7 +143,7 @@ class HFKVWrapper(nn.Module):
 
 def kv_layout(model: nn.Module) -> KVLayout:
     """The cache layout of a built-in Transformer or a transformers causal LM."""
-    from ryzen_core.models import Transformer, is_hf_model
+    from ryzen_core import Transformer, is_hf_model
 
     inner = unwrap(model)
     if isinstance(inner, Transformer):

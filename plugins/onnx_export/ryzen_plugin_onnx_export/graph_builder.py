@@ -274,7 +274,7 @@ def _finish(g: _Graph, kind: str, layers: int, kv_heads: int, head_dim: int, voc
 
 def build_graph(model: nn.Module, max_positions: int = 8192) -> BuiltGraph:
     """The fused graph of `model`, or UnsupportedModel when it cannot be written exactly."""
-    from ryzen_core.models import Transformer, is_hf_model
+    from ryzen_core import Transformer, is_hf_model
 
     inner = getattr(model, "_orig_mod", model)
     if isinstance(inner, Transformer):

@@ -28,9 +28,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ryzen_core.errors import RyzenError
-from ryzen_core.models import generate as torch_generate
-from ryzen_core.models import lm_logits
+from ryzen_core import RyzenError, lm_logits
+from ryzen_core import generate as torch_generate
 
 DEFAULT_FP32_TOLERANCE = 1e-3
 DEFAULT_INT8_TOLERANCE = 0.1

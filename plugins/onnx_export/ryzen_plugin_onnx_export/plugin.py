@@ -1,26 +1,22 @@
-"""Hook implementations of the onnx plugin (entry-point name `onnx`).
+"""Hook implementations of the onnx plugin (entry-point name `onnx`); its command is in cli.py.
 
-Heavy imports (torch, onnx, onnxruntime) happen inside the hooks: this module is imported
-whenever the `ryzen` command starts, and `ryzen plugins` must stay fast.
+The plugin keeps no state between hooks, so the hooks are module functions. Heavy imports (torch,
+onnx, onnxruntime) happen inside them: this module is imported whenever the `ryzen` command
+starts, and `ryzen plugins` must stay fast.
 """
 from __future__ import annotations
 
-import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from ryzen_core import hookimpl
+from ryzen_core import ExportResult, PluginSettings, hookimpl
 
 FP32_DIR, INT8_DIR, INT4_DIR = "onnx-fp32", "onnx-int8", "onnx-int4"
-DEFAULT_NEW_TOKENS = 64
 
 
-class OnnxSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class OnnxSettings(PluginSettings):
     graph: Literal["fused", "traced"] = "fused"
     """'fused': the graph written by graph_builder (GroupQueryAttention over an in-place KV buffer, fused norms,
     rotary inside attention), for the built-in model and Llama; other models fall back to 'traced' (the torch
@@ -117,10 +113,13 @@ def write_exports(model: Any, tokenizer: Any, export_dir: Path, settings: OnnxSe
 
 
 def export_and_check(model: Any, tokenizer: Any, export_dir: str | Path, settings: OnnxSettings | None = None,
-                     record: Any = None) -> dict[str, Any]:
-    """Export fp32 (and int8, int4) under export_dir, check each against the torch model, return what
-    on_export returns. Raises ParityError when the fp32 export misses its tolerance; a quantized
-    export that misses its own is dropped and recorded (`export_dropped`, with the numbers)."""
+                     record: Any = None) -> ExportResult:
+    """Export fp32 (and int8, int4) under export_dir and check each against the torch model.
+
+    Returns what on_export returns: the exports that passed, their live backends, and in `details`
+    their parity numbers (`parity`) and sizes in bytes (`sizes_bytes`), by backend name. Raises
+    ParityError when the fp32 export misses its tolerance; a quantized export that misses its own
+    is dropped and recorded (`export_dropped`, with the numbers)."""
     from .export import export_size_bytes, kv_layout
     from .parity import PROMPT_TOKENS, ParityError, check_parity, parity_token_ids
     from .runtime import load_export
@@ -138,7 +137,7 @@ def export_and_check(model: Any, tokenizer: Any, export_dir: str | Path, setting
     tolerances = {"fp32_tolerance": settings.fp32_tolerance, "int8_tolerance": settings.int8_tolerance,
                   "int8_min_top1": settings.int8_min_top1, "int4_tolerance": settings.int4_tolerance,
                   "int4_min_top1": settings.int4_min_top1}
-    result: dict[str, Any] = {"exports": {}, "parity": {}, "sizes_bytes": {}, "backends": {}}
+    result = ExportResult(details={"parity": {}, "sizes_bytes": {}})
     for precision, directory in write_exports(model, tokenizer, export_dir, settings, record).items():
         backend = load_export(directory, threads=settings.threads, graph_optimization=settings.graph_optimization,
                               inter_op_threads=settings.inter_op_threads, allow_spinning=settings.allow_spinning)
@@ -154,10 +153,10 @@ def export_and_check(model: Any, tokenizer: Any, export_dir: str | Path, setting
             record("export_dropped", backend=backend.name, path=str(directory), reason=str(exc))
             continue
         record("parity", **parity)
-        result["exports"][backend.name] = str(directory)
-        result["parity"][backend.name] = parity
-        result["sizes_bytes"][backend.name] = size
-        result["backends"][backend.name] = backend
+        result.exports[backend.name] = directory
+        result.backends[backend.name] = backend
+        result.details["parity"][backend.name] = parity
+        result.details["sizes_bytes"][backend.name] = size
     return result
 
 
@@ -181,91 +180,8 @@ def load_backend(path):
     return load_export(path)
 
 
-def not_an_export(path: Path) -> str:
-    """Why `path` cannot be used with --onnx, naming the exports under it and whether --run can use it."""
-    from ryzen_core.trained import trained_model_dirs
-
-    from .export import read_manifest
-
-    exports = [d for pattern in ("*", "export/*", "*/export/*") for d in sorted(path.glob(pattern))
-               if d.is_dir() and read_manifest(d) is not None]
-    message = f"{path} is not an onnx export (no export.json written by the onnx plugin)"
-    if exports:
-        message += f"; exports under it: {', '.join(str(d) for d in exports)}"
-    if trained_model_dirs(path):
-        message += f"; or generate in torch with --run {path}"
-    return message
-
-
 @hookimpl
 def register_commands(cli):
-    import click
+    from .cli import generate_command
 
-    @cli.command("generate")
-    @click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path),
-                  help="Export directory written by the onnx plugin (e.g. <run>/export/onnx-int8).")
-    @click.option("--run", "run_dir", type=click.Path(path_type=Path),
-                  help="Or a run directory (a variant's, or an hf_model/): generate in torch from its trained model.")
-    @click.argument("prompt")
-    @click.option("--max-new-tokens", type=click.IntRange(min=0), default=None,
-                  help=f"[default: {DEFAULT_NEW_TOKENS}, cut to what fits the model's context]")
-    @click.option("--temperature", type=click.FloatRange(min=0.0, max=1000.0), default=0.0, show_default=True,
-                  help="0 is greedy.")
-    @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 is off.")
-    @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True)
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--threads", type=click.IntRange(min=1, max=4 * (os.cpu_count() or 1)), default=None,
-                  help="onnxruntime intra-op threads (at most 4 x the CPUs).")
-    @click.pass_context
-    def generate_command(ctx, onnx_dir, run_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, threads):
-        """Generate text from PROMPT with an onnx export run by onnxruntime, or a run's model in torch."""
-        import torch
-
-        from ryzen_core.errors import RyzenError
-
-        from .export import read_manifest
-        from .runtime import load_export
-
-        def fail(message: str) -> None:
-            click.echo(f"Error: {message}", err=True)
-            ctx.exit(2)
-
-        if (onnx_dir is None) == (run_dir is None):
-            fail("give either --onnx EXPORT_DIR or --run RUN_DIR")
-        if not math.isfinite(temperature):  # click's range lets NaN through: every comparison with it is False
-            fail(f"--temperature must be a finite number >= 0, got {temperature}")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate (from undecodable argv bytes) has no UTF-8 form
-            fail(f"the prompt is not valid text: {exc.reason} at character {exc.start}")
-        if onnx_dir is not None and not onnx_dir.is_dir():
-            fail(f"onnx export directory {onnx_dir} does not exist")
-        if onnx_dir is not None and read_manifest(onnx_dir) is None:
-            fail(not_an_export(onnx_dir))
-        try:
-            from ryzen_core.backends import TorchBackend
-            from ryzen_core.data import Tokenizer
-            from ryzen_core.trained import load_trained_model
-
-            if run_dir is not None:
-                model, tokenizer, _ = load_trained_model(run_dir)
-                backend = TorchBackend(model)
-            else:
-                tokenizer = Tokenizer.load(onnx_dir)
-                backend = load_export(onnx_dir, threads=threads)
-            ids = tokenizer.encode(prompt)
-            if not ids:
-                fail("the prompt encodes to no tokens")
-            limit = getattr(backend, "context_length", None) if getattr(backend, "hard_context_limit", False) else None
-            if max_new_tokens is None:
-                max_new_tokens = DEFAULT_NEW_TOKENS
-                if limit is not None and len(ids) + max_new_tokens > limit:
-                    max_new_tokens = max(0, limit - len(ids))
-                    click.echo(f"note: {max_new_tokens} new tokens, what fits the context of {limit} after "
-                               f"the {len(ids)}-token prompt", err=True)
-            generator = torch.Generator().manual_seed(seed)
-            output = backend.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
-                                      top_p=top_p, eos_token_id=tokenizer.eos_id, generator=generator)
-        except (RyzenError, ValueError) as exc:  # UnicodeEncodeError (a lone surrogate) is a ValueError too
-            fail(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
-        click.echo(tokenizer.decode(output[0].tolist()))
+    cli.add_command(generate_command)

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ryzen_core.models.generate import sample_next
+from ryzen_core import sample_next
 
 from .export import MODEL_FILE, ExportError, graph_facts, read_manifest
 
@@ -108,7 +108,7 @@ class _ExportBackend:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"{model_path} cannot be loaded by onnxruntime: {first[:300]}") from None
-        # What the runtime table reads (ryzen_core.backends.FACTS); the graph parsed, so these read it safely.
+        # What the runtime table reads (docs/plugins.md, load_backend); the graph parsed, so these read it safely.
         self.weight_bytes, positions = graph_facts(model_path)
         self.kv_bytes_per_position = 2 * self.layers * self.kv_heads * self.head_dim * 4
         if self.hard_context_limit and positions is not None and self.context_length > positions:
@@ -136,7 +136,7 @@ class _ExportBackend:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
                  on_token: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Prompt plus new tokens, [B, T + produced]; the same contract as ryzen_core.models.generate:
+        """Prompt plus new tokens, [B, T + produced]; the same contract as ryzen_core.generate:
         rows that hit eos early are padded with eos, and the loop stops once every row has."""
         ids = self._check_ids(input_ids, max_new_tokens)
         batch = ids.shape[0]

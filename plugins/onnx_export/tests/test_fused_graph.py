@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from ryzen_core.models import Transformer, TransformerConfig, generate, hf_model_from_config, lm_logits, tiny_llama_config
+from ryzen_core import Transformer, TransformerConfig, generate, hf_model_from_config, lm_logits, tiny_llama_config
 from ryzen_plugin_onnx_export import plugin
 from ryzen_plugin_onnx_export.fused_export import export_fused, quantize_weights
 from ryzen_plugin_onnx_export.graph_builder import UnsupportedModel, build_graph
@@ -83,8 +83,8 @@ def test_fused_graph_refuses_what_it_cannot_write_and_the_plugin_falls_back(buil
     settings = plugin.OnnxSettings(int8=False, int4=True, parity_tokens=16, parity_new_tokens=4)
     result = plugin.export_and_check(changed.eval(), None, tmp_path, settings,
                                      lambda event, **data: events.append((event, data)))
-    assert list(result["exports"]) == ["onnxruntime-fp32"]
-    assert result["backends"]["onnxruntime-fp32"].manifest.get("graph", "traced") == "traced"
+    assert list(result.exports) == ["onnxruntime-fp32"]
+    assert result.backends["onnxruntime-fp32"].manifest.get("graph", "traced") == "traced"
     names = [event for event, _ in events]
     assert "fused_graph_unavailable" in names and "int4_skipped" in names
 

@@ -10,13 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import TINY
-from ryzen_core.checkpoint import latest_checkpoint, load_weights
-from ryzen_core.data import Tokenizer
-from ryzen_core.models import generate
-from ryzen_core.models.build import build_model
-from ryzen_core.plugins import PluginHost
-from ryzen_core.run import prepare, train_one
+from ryzen_core import Tokenizer, build_model, generate, latest_checkpoint, load_weights
+from ryzen_core.testing import make_config, make_host, train_run_tiny
 from ryzen_plugin_onnx_export import plugin
 
 
@@ -30,12 +25,9 @@ def ryzen_generate(*args: str):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("generate") / "run"
-    cache = tmp_path_factory.mktemp("cache")
-    config = prepare(PluginHost(), None, [*TINY, f"data.cache_dir={cache}"], [], out)
-    train_one(config, PluginHost())
-    return out, config
+def trained_run(tmp_path_factory, ryzen_cache_dir):
+    config = make_config(ryzen_cache_dir, out_dir=tmp_path_factory.mktemp("generate") / "run")
+    return train_run_tiny(make_host(), config), config
 
 
 def test_generate_from_a_run_directory_in_torch_matches_the_checkpoint(trained_run):

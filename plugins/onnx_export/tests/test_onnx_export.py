@@ -15,19 +15,9 @@ import torch
 from click.testing import CliRunner
 from pydantic import ValidationError
 
-from ryzen_core.backends import Backend
-from ryzen_core.data import Tokenizer, train_tokenizer
-from ryzen_core.models import (
-    Transformer,
-    TransformerConfig,
-    generate,
-    hf_model_from_config,
-    lm_logits,
-    load_hf_model,
-    save_hf_model,
-    tiny_llama_config,
-)
-from ryzen_core.plugins import PluginHost
+from ryzen_core import (Backend, ExportResult, Tokenizer, Transformer, generate, lm_logits, load_hf_model,
+                        save_hf_model, train_tokenizer)
+from ryzen_core.testing import briefly_trained_model, make_host
 from ryzen_plugin_onnx_export import plugin
 from ryzen_plugin_onnx_export.export import export_onnx, quantize_int8, read_manifest
 from ryzen_plugin_onnx_export.parity import ParityError, check_parity, parity_token_ids, reference_text
@@ -40,38 +30,16 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     return train_tokenizer([reference_text()], 320, tmp_path_factory.mktemp("tokenizer-cache"))
 
 
-def _train_briefly(model: torch.nn.Module, tokenizer: Tokenizer, steps: int, seq: int = 32) -> None:
-    """A few optimizer steps so logits have real structure (peaked, not near-uniform) and
-    int8 top-1 agreement is measured on a model that has learned something."""
-    ids = torch.tensor(tokenizer.encode(reference_text()))
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, len(ids) - seq - 1, (8,), generator=generator)
-        batch = torch.stack([ids[s:s + seq + 1] for s in starts])
-        logits = lm_logits(model, batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(TransformerConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size))
-    _train_briefly(model, tokenizer, steps=40)
-    return model
+    """Briefly trained, so int8 top-1 agreement is measured on a model that has learned something."""
+    return briefly_trained_model(tokenizer, reference_text(), steps=40, seq_len=32)
 
 
 @pytest.fixture(scope="module")
 def builtin_export(tiny_model, tokenizer, tmp_path_factory):
     """on_export through the plugin host, as the core calls it."""
-    host = PluginHost()
-    host.register(plugin, "onnx")
-    assert host.records["onnx"].status == "loaded", host.records["onnx"].error
+    host = make_host({"onnx": plugin})
     host.settings["onnx"] = host.settings_models()["onnx"]()
     export_dir = tmp_path_factory.mktemp("export")
     results = host.call_each("on_export", ["onnx"], fallback=False, model=tiny_model, tokenizer=tokenizer,
@@ -89,15 +57,13 @@ def fp32_backend(request, builtin_export):
     """Both graph layouts must behave the same behind the Backend protocol."""
     if request.param == "traced":
         return request.getfixturevalue("traced_backend")
-    return builtin_export["result"]["backends"]["onnxruntime-fp32"]
+    return builtin_export["result"].backends["onnxruntime-fp32"]
 
 
 @pytest.fixture(scope="module")
 def hf_model(tokenizer, tmp_path_factory):
-    torch.manual_seed(0)
-    model = hf_model_from_config(tiny_llama_config(tokenizer.vocab_size, hidden=32, heads=4, kv_heads=2,
-                                                   intermediate=64, max_positions=64))
-    _train_briefly(model, tokenizer, steps=30)
+    model = briefly_trained_model(tokenizer, reference_text(), "llama", steps=30, seq_len=32, hidden=32, heads=4,
+                                  kv_heads=2, intermediate=64, max_positions=64)
     saved = save_hf_model(model, tmp_path_factory.mktemp("hf-llama"))
     return load_hf_model(saved)
 
@@ -111,12 +77,10 @@ def _prompt(tokenizer, batch: int, length: int, offset: int = 0) -> torch.Tensor
 
 def test_on_export_builtin_passes_fp32_int8_and_int4_parity(builtin_export):
     result, export_dir = builtin_export["result"], builtin_export["export_dir"]
-    assert set(result["exports"]) == {"onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-int4"}
-    assert result["exports"]["onnxruntime-fp32"] == str(export_dir / "onnx-fp32")
-    assert result["exports"]["onnxruntime-int8"] == str(export_dir / "onnx-int8")
-    assert result["exports"]["onnxruntime-int4"] == str(export_dir / "onnx-int4")
-    fp32, int8 = result["parity"]["onnxruntime-fp32"], result["parity"]["onnxruntime-int8"]
-    int4 = result["parity"]["onnxruntime-int4"]
+    assert isinstance(result, ExportResult)
+    assert result.exports == {f"onnxruntime-{p}": export_dir / f"onnx-{p}" for p in ("fp32", "int8", "int4")}
+    parity = result.details["parity"]
+    fp32, int8, int4 = parity["onnxruntime-fp32"], parity["onnxruntime-int8"], parity["onnxruntime-int4"]
     assert fp32["passed"] and int8["passed"] and int4["passed"]
     assert int4["top1_agreement"] >= 0.75 and int4["max_abs_diff"] <= 0.3 * int4["max_abs_logit"]
     assert fp32["max_abs_diff"] <= 1e-3
@@ -125,10 +89,15 @@ def test_on_export_builtin_passes_fp32_int8_and_int4_parity(builtin_export):
     assert int8["max_abs_diff"] <= 0.1 * int8["max_abs_logit"]
     assert 0.0 <= int8["greedy_agreement"] <= 1.0
     # Quantized weights shrink every MatMul, the tied LM head included.
-    sizes = result["sizes_bytes"]
+    sizes = result.details["sizes_bytes"]
     assert sizes["onnxruntime-int4"] < sizes["onnxruntime-int8"] < sizes["onnxruntime-fp32"]
-    for backend in result["backends"].values():
+    assert set(result.backends) == set(result.exports)
+    for backend in result.backends.values():
         assert isinstance(backend, Backend)
+    # What the core writes into inference_validation_report.json under exports.onnx.
+    report = json.loads(json.dumps(result.report()))
+    assert report["exports"]["onnxruntime-int8"] == str(export_dir / "onnx-int8")
+    assert report["parity"] == parity and report["sizes_bytes"] == sizes
     recorded = [(e.event, e.data.get("backend")) for e in builtin_export["events"]]
     assert ("parity", "onnxruntime-fp32") in recorded and ("parity", "onnxruntime-int8") in recorded
     assert ("export", "onnxruntime-fp32") in recorded and ("export", "onnxruntime-int8") in recorded
@@ -216,7 +185,7 @@ def test_broken_export_raises_parity_error_with_numbers(tiny_model, fp32_backend
 
 
 def test_int8_parity_fails_beyond_its_bound(tiny_model, builtin_export, tokenizer):
-    int8_backend = builtin_export["result"]["backends"]["onnxruntime-int8"]
+    int8_backend = builtin_export["result"].backends["onnxruntime-int8"]
     perturbed = copy.deepcopy(tiny_model)
     with torch.no_grad():
         perturbed.lm_head.weight.mul_(-1.0)  # tied: flips every logit's sign
@@ -306,9 +275,9 @@ def test_on_export_without_int8_writes_only_fp32(tiny_model, tokenizer, tmp_path
     settings = OnnxSettings(int8=False, int4=False, graph_optimization="basic", threads=1, parity_tokens=16, parity_new_tokens=4)
     result = plugin.on_export(model=tiny_model, tokenizer=tokenizer, export_dir=tmp_path, settings=settings,
                               record=lambda event, **data: None)
-    assert list(result["exports"]) == ["onnxruntime-fp32"]
+    assert isinstance(result, ExportResult) and list(result.exports) == ["onnxruntime-fp32"]
     assert not (tmp_path / "onnx-int8").exists()
-    assert result["parity"]["onnxruntime-fp32"]["logit_positions"] == 2 * 16
+    assert result.details["parity"]["onnxruntime-fp32"]["logit_positions"] == 2 * 16
 
 
 def test_settings_forbid_unknown_keys_and_bad_values():

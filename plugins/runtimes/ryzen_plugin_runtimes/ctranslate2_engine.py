@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ryzen_core.backends import OnToken
+from ryzen_core import OnToken
 
 from .loop import StepStamps, assemble, check_request, default_threads
 from .manifest import EngineSkipped, write_manifest

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ryzen_core.models import Transformer, is_hf_model, save_hf_model
+from ryzen_core import Transformer, is_hf_model, save_hf_model
 
 from .manifest import EngineSkipped
 

@@ -1,6 +1,6 @@
 """What every engine backend shares: the request checks, the generation contract and the on_token stamps.
 
-The contract is ryzen_core.models.generate's: the result is prompt plus new tokens; rows that
+The contract is ryzen_core.generate's: the result is prompt plus new tokens; rows that
 hit eos early are padded with eos and generation stops once every row has; with eos None
 exactly `max_new_tokens` tokens are produced. `on_token(i)` runs right after token i exists
 (0 = after prefill), which is where the validator takes its TTFT and decode timestamps.
@@ -12,8 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ryzen_core.backends import OnToken
-from ryzen_core.models import sample_next
+from ryzen_core import OnToken, sample_next
 
 
 def check_request(input_ids: torch.Tensor, max_new_tokens: int = 0, context_length: int | None = None) -> np.ndarray:

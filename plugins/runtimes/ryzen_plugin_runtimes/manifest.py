@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ryzen_core.errors import RyzenError
+from ryzen_core import RyzenError
 
 MANIFEST_FILE = "runtime.json"
 FORMAT = "ryzen-runtimes/1"

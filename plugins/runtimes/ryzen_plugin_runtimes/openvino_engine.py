@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ryzen_core.backends import OnToken
+from ryzen_core import OnToken
 
 from .loop import check_request, decode_loop, default_threads
 from .manifest import EngineSkipped, write_manifest

@@ -1,7 +1,8 @@
 """Hook implementations of the runtimes plugin (entry-point name `runtimes`).
 
 Every engine is optional: its module is imported only inside a hook, and an engine that is not
-installed (or cannot take this model) is skipped with the reason recorded, never an error.
+installed (or cannot take this model) is skipped with the reason recorded, never an error. The
+plugin keeps no state between hooks, so the hooks are module functions.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from ryzen_core import hookimpl
+from ryzen_core import ExportResult, PluginSettings, hookimpl
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,7 @@ SOURCE_MARKER = ".ryzen-runtimes-source"
 Engine = Literal["ctranslate2", "llamacpp", "openvino", "genai"]
 
 
-class RuntimesSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RuntimesSettings(PluginSettings):
     engines: list[Engine] = ["ctranslate2", "llamacpp", "openvino", "genai"]
     """Engines to build, each only where it is installed."""
     ctranslate2: list[Literal["float32", "int8"]] = ["float32", "int8"]
@@ -81,8 +80,10 @@ def fresh_dir(directory: Path, ours: bool) -> Path:
 
 
 def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: RuntimesSettings | None = None,
-               record: Any = None) -> dict[str, Any]:
-    """Convert `model` for every wanted engine that is installed; returns what on_export returns."""
+               record: Any = None) -> ExportResult:
+    """Convert `model` for every wanted engine that is installed; returns what on_export returns: the kept
+    exports and, in `details` by export name, `skipped` (why not built or dropped), `sizes_bytes`,
+    `parity` (with torch) and `tokenizer` (identity of the engine's own tokenizer)."""
     from .manifest import EngineSkipped, directory_bytes
 
     settings = settings or RuntimesSettings()
@@ -90,10 +91,11 @@ def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: Run
     export_dir = Path(export_dir)
     # No live backends in the result: the validator loads each export in its own worker process, and
     # engines held here would keep a copy of every model in this process for the whole validation.
-    result: dict[str, Any] = {"exports": {}, "skipped": {}, "sizes_bytes": {}, "parity": {}, "tokenizer": {}}
+    result = ExportResult(details={"skipped": {}, "sizes_bytes": {}, "parity": {}, "tokenizer": {}})
+    details = result.details
 
     def skip(name: str, reason: str) -> None:
-        result["skipped"][name] = reason
+        details["skipped"][name] = reason
         record("skipped", export=name, reason=reason)
 
     wanted = []
@@ -106,24 +108,25 @@ def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: Run
     if not wanted:
         return result
     try:
-        source, details = prepare_source(model, tokenizer, export_dir)
+        source, manifest_details = prepare_source(model, tokenizer, export_dir)
     except EngineSkipped as exc:
         for engine, precision in wanted:
             skip(export_name(engine, precision), str(exc))
         return result
-    parity_ids = fixed_token_ids(tokenizer, settings.parity_tokens, details["context_length"], model)
+    parity_ids = fixed_token_ids(tokenizer, settings.parity_tokens, manifest_details["context_length"], model)
     for engine, precision in wanted:
         name = export_name(engine, precision)
         try:
-            out_dir = build_export(engine, precision, source, export_dir, {**details, "name": name}, settings, model)
+            out_dir = build_export(engine, precision, source, export_dir, {**manifest_details, "name": name}, settings,
+                                   model)
             checks = check_export(out_dir, precision, model, tokenizer, parity_ids, settings)
         except EngineSkipped as exc:
             skip(name, str(exc))
             continue
-        result["exports"][name] = str(out_dir)
-        result["sizes_bytes"][name] = directory_bytes(out_dir)
-        result["parity"][name], result["tokenizer"][name] = checks["parity"], checks["tokenizer"]
-        record("export", export=name, path=str(out_dir), bytes=result["sizes_bytes"][name], **checks)
+        result.exports[name] = out_dir
+        details["sizes_bytes"][name] = directory_bytes(out_dir)
+        details["parity"][name], details["tokenizer"][name] = checks["parity"], checks["tokenizer"]
+        record("export", export=name, path=str(out_dir), bytes=details["sizes_bytes"][name], **checks)
     return result
 
 
@@ -193,7 +196,7 @@ def fixed_token_ids(tokenizer: Any, n_tokens: int, context_length: int | None, m
     context. Two rows, because some engine graphs run at batch 1 and fail or go wrong at batch 2."""
     import torch
 
-    from ryzen_core.models import lm_logits
+    from ryzen_core import lm_logits
 
     from .texts import IDENTITY_TEXTS
 
@@ -208,7 +211,7 @@ def logits_parity(model: Any, backend: Any, token_ids) -> dict[str, float]:
     """Largest |logit difference| from the torch model, and how often both pick the same top token."""
     import torch
 
-    from ryzen_core.models import lm_logits
+    from ryzen_core import lm_logits
 
     with torch.inference_mode():
         expected = lm_logits(model.eval(), token_ids).float()
@@ -270,7 +273,7 @@ def load_backend(path):
         log.warning("cannot run the %s export %s here: %s", engine, path, reason)
         return None
     backend = getattr(module, BACKEND_CLASSES[engine])(Path(path), manifest)
-    # For the core's runtime table (ryzen_core.backends.FACTS): the engine's files are its weights,
+    # For the core's runtime table (docs/plugins.md, load_backend): the engine's files are its weights,
     # less the tokenizer and manifests; an embedding table inside them is counted whole (an upper bound).
     backend.precision = manifest["precision"]
     backend.weight_bytes = sum(f.stat().st_size for f in Path(path).rglob("*")

@@ -1,33 +1,18 @@
 """A tokenizer and tiny, briefly trained models (peaked logits, so quantized top-1 checks mean something)."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
-from ryzen_core import backends
-from ryzen_core.data import Tokenizer, train_tokenizer
-from ryzen_core.models import transformer
-from ryzen_core.models import (Transformer, TransformerConfig, generate, hf_model_from_config, lm_logits,
-                               tiny_llama_config)
+from ryzen_core import Backend, Tokenizer, Transformer, generate, lm_logits, train_tokenizer
+from ryzen_core.testing import briefly_trained_model
 from ryzen_plugin_runtimes.texts import IDENTITY_TEXTS
 
-TRAINING_TEXT = "\n".join(IDENTITY_TEXTS * 3) + "\n" + (transformer.__doc__ or "") + (backends.__doc__ or "")
-
-
-def fit(model: torch.nn.Module, tokenizer: Tokenizer, steps: int = 30, seq: int = 24) -> torch.nn.Module:
-    ids = torch.tensor(tokenizer.encode(TRAINING_TEXT * 4))
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        starts = torch.randint(0, len(ids) - seq - 1, (8,), generator=generator)
-        batch = torch.stack([ids[s:s + seq + 1] for s in starts])
-        logits = lm_logits(model, batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+# Real prose and code: the identity texts and the docs of the core's model and backend modules.
+TRAINING_TEXT = ("\n".join(IDENTITY_TEXTS * 3) + "\n" + (inspect.getmodule(Transformer).__doc__ or "")
+                 + (inspect.getmodule(Backend).__doc__ or ""))
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +22,12 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def builtin_model(tokenizer) -> Transformer:
-    torch.manual_seed(0)
-    return fit(Transformer(TransformerConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size)), tokenizer)
+    return briefly_trained_model(tokenizer, TRAINING_TEXT * 4)
 
 
 @pytest.fixture(scope="session")
 def llama_model(tokenizer) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return fit(hf_model_from_config(tiny_llama_config(tokenizer.vocab_size, hidden=64, heads=2, kv_heads=1)), tokenizer)
+    return briefly_trained_model(tokenizer, TRAINING_TEXT * 4, "llama", hidden=64, heads=2, kv_heads=1)
 
 
 @pytest.fixture

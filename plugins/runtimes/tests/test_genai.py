@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ryzen_core.models import lm_logits
+from ryzen_core import lm_logits
 from ryzen_plugin_runtimes.plugin import RuntimesSettings, export_all, load_backend
 from ryzen_plugin_runtimes.texts import IDENTITY_TEXTS
 
@@ -19,19 +19,19 @@ def exported(llama_model, tokenizer, tmp_path_factory):
 
 
 def test_builder_output_loads_from_its_directory(exported):
-    assert sorted(exported["exports"]) == ["genai-fp32", "genai-int4"]
-    assert exported["skipped"] == {}
-    assert exported["sizes_bytes"]["genai-int4"] < exported["sizes_bytes"]["genai-fp32"]
-    for name, path in exported["exports"].items():
+    assert sorted(exported.exports) == ["genai-fp32", "genai-int4"]
+    assert exported.details["skipped"] == {}
+    assert exported.details["sizes_bytes"]["genai-int4"] < exported.details["sizes_bytes"]["genai-fp32"]
+    for name, path in exported.exports.items():
         assert load_backend(path).name == name
 
 
 def test_fp32_follows_torch(exported, llama_model, follows_torch):
-    follows_torch(load_backend(exported["exports"]["genai-fp32"]), llama_model, atol=1e-3)
+    follows_torch(load_backend(exported.exports["genai-fp32"]), llama_model, atol=1e-3)
 
 
 def test_int4_keeps_the_top_token_mostly(exported, llama_model, prompts):
-    backend = load_backend(exported["exports"]["genai-int4"])
+    backend = load_backend(exported.exports["genai-int4"])
     with torch.inference_mode():
         expected = lm_logits(llama_model, prompts)
     assert (backend.logits(prompts).argmax(-1) == expected.argmax(-1)).float().mean() >= 0.6
@@ -39,7 +39,7 @@ def test_int4_keeps_the_top_token_mostly(exported, llama_model, prompts):
 
 
 def test_eos_stops_generation_and_pads(exported, prompts):
-    backend = load_backend(exported["exports"]["genai-fp32"])
+    backend = load_backend(exported.exports["genai-fp32"])
     free = backend.generate(prompts, 8)
     eos = int(free[1, prompts.shape[1] + 1])
     stopped = backend.generate(prompts, 8, eos_token_id=eos)
@@ -50,7 +50,7 @@ def test_eos_stops_generation_and_pads(exported, prompts):
 def test_tokenizer_identity_on_the_fixed_texts(exported, tokenizer):
     """onnxruntime-genai's tokenizer reads "<|endoftext|>" inside a text as the special token, where Ryzen
     (encode_special_tokens) reads it as text; every other text must give the same ids."""
-    backend = load_backend(exported["exports"]["genai-fp32"])
+    backend = load_backend(exported.exports["genai-fp32"])
     for text in IDENTITY_TEXTS:
         if tokenizer.eos_token in text:
             assert tokenizer.eos_id in backend.encode(text) and tokenizer.eos_id not in tokenizer.encode(text)
@@ -61,8 +61,8 @@ def test_tokenizer_identity_on_the_fixed_texts(exported, tokenizer):
 def test_the_builtin_model_runs_on_the_onnx_plugins_fused_graph(builtin_model, tokenizer, tmp_path, follows_torch):
     """The builder has no GPT-2; genai runs the onnx plugin's fused graph of the built-in model instead."""
     result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["genai"], genai=["fp32"]))
-    assert list(result["exports"]) == ["genai-fp32"] and result["skipped"] == {}
-    path = result["exports"]["genai-fp32"]
+    assert list(result.exports) == ["genai-fp32"] and result.details["skipped"] == {}
+    path = result.exports["genai-fp32"]
     assert not (tmp_path / "genai-fp32" / "export.json").exists()  # the onnx plugin must not claim it
     backend = load_backend(path)
     assert backend.name == "genai-fp32"
@@ -70,7 +70,7 @@ def test_the_builtin_model_runs_on_the_onnx_plugins_fused_graph(builtin_model, t
 
 
 def test_sampling_repeats_for_the_same_seed(exported, prompts):
-    backend = load_backend(exported["exports"]["genai-int4"])
+    backend = load_backend(exported.exports["genai-int4"])
 
     def sample(seed: int) -> torch.Tensor:
         return backend.generate(prompts, 8, temperature=1.5, top_k=0, generator=torch.Generator().manual_seed(seed))

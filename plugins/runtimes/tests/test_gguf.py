@@ -7,7 +7,7 @@ import pytest
 import tokenizers
 import torch
 
-from ryzen_core.models import generate, lm_logits
+from ryzen_core import generate, lm_logits
 from ryzen_plugin_runtimes.gguf_engine import MODEL_FILE, hf_tensors, rope_permute, write_gguf
 from ryzen_plugin_runtimes.hf_source import write_hf_source
 from ryzen_plugin_runtimes.manifest import write_manifest

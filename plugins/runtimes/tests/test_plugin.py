@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 from pydantic import ValidationError
 
-from ryzen_core.models import Transformer, TransformerConfig, lm_logits
-from ryzen_core.plugins import PluginHost
+from ryzen_core import ExportResult, PluginHost, Transformer, TransformerConfig, lm_logits
+from ryzen_core.testing import make_host
 from ryzen_plugin_runtimes import plugin
 from ryzen_plugin_runtimes.hf_source import gpt2_from_builtin, write_hf_source
 from ryzen_plugin_runtimes.manifest import EngineSkipped, RuntimeExportError, write_manifest
@@ -54,7 +54,7 @@ def test_gpt2_form_of_the_builtin_model_gives_the_same_logits(tied, tokenizer):
 def test_hf_source_directory_loads_back_with_transformers(builtin_model, tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
-    from ryzen_core.models import load_hf_model
+    from ryzen_core import load_hf_model
 
     write_hf_source(builtin_model, tokenizer, tmp_path)
     ids = torch.tensor([tokenizer.encode("def forward(self, x):")])
@@ -76,9 +76,9 @@ def test_a_model_changed_by_a_plugin_is_skipped_with_the_reason(tokenizer, tmp_p
     if plugin.engine_module("ctranslate2").missing():
         pytest.skip("ctranslate2 is not installed: the engine is skipped before the model is looked at")
     result = export_all(model, tokenizer, tmp_path, settings, lambda event, **data: events.append((event, data)))
-    assert result["exports"] == {}
-    assert set(result["skipped"]) == {"ctranslate2-float32", "ctranslate2-int8"}
-    assert all("activation" in reason for reason in result["skipped"].values())
+    assert result.exports == {}
+    assert set(result.details["skipped"]) == {"ctranslate2-float32", "ctranslate2-int8"}
+    assert all("activation" in reason for reason in result.details["skipped"].values())
     assert [e for e, _ in events] == ["skipped", "skipped"]
 
 
@@ -88,11 +88,23 @@ def test_engines_that_are_not_installed_are_skipped_with_the_reason(builtin_mode
     events = []
     result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"]),
                         lambda event, **data: events.append((event, data)))
-    assert result["exports"] == {}
-    assert result["skipped"] == {"ctranslate2-float32": "ctranslate2 is not installed (test)",
+    assert result.exports == {}
+    assert result.details["skipped"] == {"ctranslate2-float32": "ctranslate2 is not installed (test)",
                                  "ctranslate2-int8": "ctranslate2 is not installed (test)"}
     assert events[0] == ("skipped", {"export": "ctranslate2-float32", "reason": "ctranslate2 is not installed (test)"})
     assert not any(tmp_path.iterdir())  # nothing written when nothing can be built
+
+
+def test_on_export_through_the_host_returns_an_export_result(builtin_model, tokenizer, tmp_path, monkeypatch):
+    """What the core's report reads: `exports` and the details (`skipped`, ...) side by side."""
+    monkeypatch.setattr(plugin.engine_module("ctranslate2"), "missing", lambda: "not here (test)")
+    host = make_host({"runtimes": plugin})
+    host.settings["runtimes"] = RuntimesSettings(engines=["ctranslate2"], ctranslate2=["int8"])
+    result = host.call_each("on_export", ["runtimes"], fallback=False, model=builtin_model, tokenizer=tokenizer,
+                            export_dir=tmp_path, config=None)["runtimes"]
+    assert isinstance(result, ExportResult) and result.exports == {} and result.backends == {}
+    assert result.report() == {"exports": {}, "skipped": {"ctranslate2-int8": "not here (test)"}, "sizes_bytes": {},
+                               "parity": {}, "tokenizer": {}}
 
 
 def test_an_existing_directory_that_is_not_ours_is_left_alone(builtin_model, tokenizer, tmp_path):
@@ -101,9 +113,9 @@ def test_an_existing_directory_that_is_not_ours_is_left_alone(builtin_model, tok
     (tmp_path / "ctranslate2-int8").mkdir()
     (tmp_path / "ctranslate2-int8" / "notes.txt").write_text("mine")
     result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"]))
-    assert "not written by this plugin" in result["skipped"]["ctranslate2-int8"]
+    assert "not written by this plugin" in result.details["skipped"]["ctranslate2-int8"]
     assert (tmp_path / "ctranslate2-int8" / "notes.txt").read_text() == "mine"
-    assert "ctranslate2-float32" in result["exports"]
+    assert "ctranslate2-float32" in result.exports
 
 
 def test_load_backend_answers_only_for_its_own_directories(tmp_path):
@@ -127,12 +139,12 @@ def test_an_export_that_disagrees_with_torch_is_dropped_with_the_reason(builtin_
     monkeypatch.setattr(module.CTranslate2Backend, "logits", lambda self, ids: right(self, ids) + 0.01)
     result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"]))
     # An offset keeps the top token (int8 stays), but is past the fp32 tolerance.
-    assert list(result["exports"]) == ["ctranslate2-int8"]
-    assert "dropped, max |logit difference| 0.01 > fp32_tolerance 0.001" in result["skipped"]["ctranslate2-float32"]
+    assert list(result.exports) == ["ctranslate2-int8"]
+    assert "dropped, max |logit difference| 0.01 > fp32_tolerance 0.001" in result.details["skipped"]["ctranslate2-float32"]
     assert not (tmp_path / "ctranslate2-float32").exists()
     monkeypatch.setattr(module.CTranslate2Backend, "logits", lambda self, ids: -right(self, ids))
     result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"], min_top1=0.9))
-    assert result["exports"] == {} and "top-1 agreement 0.00 < min_top1 0.9" in result["skipped"]["ctranslate2-int8"]
+    assert result.exports == {} and "top-1 agreement 0.00 < min_top1 0.9" in result.details["skipped"]["ctranslate2-int8"]
 
 
 def test_an_export_that_fails_to_run_is_dropped_with_the_engines_own_words(builtin_model, tokenizer, tmp_path,
@@ -147,7 +159,7 @@ def test_an_export_that_fails_to_run_is_dropped_with_the_engines_own_words(built
     monkeypatch.setattr(module.CTranslate2Backend, "logits", fails_at_batch_two)
     settings = RuntimesSettings(engines=["ctranslate2"], ctranslate2=["int8"])
     result = export_all(builtin_model, tokenizer, tmp_path, settings)
-    assert result["skipped"]["ctranslate2-int8"] == ("dropped, it fails on a batch of 2: RuntimeError: "
+    assert result.details["skipped"]["ctranslate2-int8"] == ("dropped, it fails on a batch of 2: RuntimeError: "
                                                      "[cpu] reshape conflicts with the pattern")
 
 
@@ -165,8 +177,8 @@ def test_a_converter_that_raises_is_skipped_and_the_other_engines_go_on(builtin_
 
     monkeypatch.setattr(module, "export", int8_breaks)
     result = export_all(builtin_model, tokenizer, tmp_path, RuntimesSettings(engines=["ctranslate2"]))
-    assert list(result["exports"]) == ["ctranslate2-float32"]
-    assert result["skipped"] == {"ctranslate2-int8": "the ctranslate2 conversion failed: OSError: disk full"}
+    assert list(result.exports) == ["ctranslate2-float32"]
+    assert result.details["skipped"] == {"ctranslate2-int8": "the ctranslate2 conversion failed: OSError: disk full"}
     assert not (tmp_path / "ctranslate2-int8").exists()
 
 
