@@ -6,15 +6,14 @@ The task API is imported eagerly; everything that needs torch loads on first use
 """
 from importlib import import_module
 
-from .tasks import (ArithmeticTask, CountdownTask, Problem, Task, available_tasks, evaluate_expression, get_task,
-                    register_task)
+from .tasks import ArithmeticTask, CountdownTask, Problem, Task, available_tasks, evaluate_expression, get_task
 
 _LAZY = {"SolveConfig": "multipath", "Solution": "multipath", "solve": "multipath", "TaskCodec": "sampling",
          "generate_paths": "sampling", "best_of_n": "selection", "majority_vote": "selection",
          "vote_decided": "selection"}
 
 __all__ = ["ArithmeticTask", "CountdownTask", "Problem", "Task", "available_tasks", "evaluate_expression", "get_task",
-           "register_task", *_LAZY]
+           *_LAZY]
 
 
 def __getattr__(name):

@@ -3,21 +3,28 @@
 Every figure is measured, never derived: each N is its own timed run of `solve`. Because path k of a
 problem has the same seed whatever N is, the N=2 paths are the first two of the N=16 paths, so the
 curve compares like with like (more paths, nothing else changed).
+
+`evaluate_model` puts it together for a trained model: rlvr_report.{json,md} and rlvr_accuracy_vs_n.png.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from types import ModuleType
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ryzen_core.measure import format_ratio
+import ryzen_core
+from ryzen_core import format_ratio, markdown_table, paired_ratios, write_json
 
 from .multipath import SolveConfig, solve
 from .sampling import TaskCodec, generate_paths, path_seed
-from .tasks import Problem, Task
+from .tasks import Problem, Task, get_task
+
+log = logging.getLogger(__name__)
 
 Z95 = 1.959963984540054
 # Two-sided 95% Student-t quantiles t(0.975, df) for df = 1..20 (no scipy in the core's dependencies).
@@ -74,10 +81,8 @@ def accuracy_vs_n(model: torch.nn.Module, codec: TaskCodec, task: Task, problems
     if adaptive_n:
         runs.append((f"N={adaptive_n} adaptive", SolveConfig(paths=adaptive_n, adaptive=True, round_size=round_size,
                                                             **sampled)))
-    from ryzen_core.progress import progress
-
     rows = []
-    for label, config in progress(runs, f"rlvr eval on {len(problems)} problems", unit="decoding"):
+    for label, config in _progress()(runs, f"rlvr eval on {len(problems)} problems", unit="decoding"):
         solutions, wall = timed_solve(model, codec, task, problems, config)
         tokens = sum(s.generated_tokens for s in solutions)
         rows.append({"decoding": label, "n": config.paths if config.temperature > 0 else 1,
@@ -88,6 +93,14 @@ def accuracy_vs_n(model: torch.nn.Module, codec: TaskCodec, task: Task, problems
     return rows
 
 
+def _progress():
+    """ryzen_core's public `progress` function. Its name is also that of the core module defining it, and
+    once that module is imported the package attribute is the module (a core issue, reported), so then the
+    function is the module's attribute of the same name."""
+    found = ryzen_core.progress
+    return found.progress if isinstance(found, ModuleType) else found
+
+
 def paths_throughput(model: torch.nn.Module, codec: TaskCodec, task: Task, problems: Sequence[Problem], n: int = 8,
                      temperature: float = 0.4, top_p: float = 1.0, warmup: int = 1, repeats: int = 5,
                      seed: int = 0) -> dict[str, Any]:
@@ -95,8 +108,6 @@ def paths_throughput(model: torch.nn.Module, codec: TaskCodec, task: Task, probl
 
     Both sides generate the very same paths (per-path seeds, end-of-text on); `identical` checks it.
     """
-    from ryzen_core.validator import paired_ratios
-
     prompts = [codec.prompt_ids(p.prompt) for p in problems]
     seeds = [[path_seed(seed, i, k) for k in range(n)] for i in range(len(prompts))]
     max_new = task.max_new_tokens
@@ -157,6 +168,64 @@ def greedy_accuracy(model: torch.nn.Module, codec: TaskCodec, task: Task, proble
     return score(task, problems, solutions)
 
 
+
+def evaluate_model(model: torch.nn.Module, tokenizer: Any, settings: Any, out_dir: Path, *,
+                   warmup_model: torch.nn.Module | None = None, compute: dict | None = None,
+                   record: Callable[..., None] | None = None, throughput: bool = True) -> dict[str, Any]:
+    """Accuracy vs N on held-out problems (and the warm-up model's greedy accuracy, and paths/s);
+    writes rlvr_report.json, rlvr_report.md and rlvr_accuracy_vs_n.png into out_dir."""
+    task = get_task(settings.task, **settings.task_options)
+    codec = TaskCodec(tokenizer)
+    problems = task.problems(settings.eval_problems, seed=settings.eval_seed, split="test")
+    rows = accuracy_vs_n(model, codec, task, problems, settings.eval_paths, settings.temperature, settings.top_p,
+                         settings.selection, seed=settings.eval_seed,
+                         adaptive_n=settings.paths if settings.adaptive else None, round_size=settings.round_size,
+                         max_new_tokens=settings.max_new_tokens)
+    report: dict[str, Any] = {"task": task.name, "task_options": settings.task_options, "split": "test",
+                              "problems": len(problems), "eval_seed": settings.eval_seed,
+                              "verifiable_at_inference": task.verifiable_at_inference,
+                              "temperature": settings.temperature, "top_p": settings.top_p,
+                              "accuracy_vs_n": rows}
+    if warmup_model is not None:
+        before, after = greedy_accuracy(warmup_model, codec, task, problems), next(r for r in rows if r["decoding"] == "greedy")
+        report["warmup_vs_final"] = {"warmup": before, "final": {k: after[k] for k in ("correct", "accuracy", "ci95")},
+                                     "delta_points": 100 * (after["accuracy"] - before["accuracy"])}
+    if throughput:
+        log.info("rlvr eval: paths/s, batched vs one at a time (%d interleaved rounds)", settings.throughput_repeats)
+        report["throughput"] = paths_throughput(model, codec, task, problems[: settings.throughput_prompts],
+                                                n=settings.paths, temperature=settings.temperature,
+                                                top_p=settings.top_p, repeats=settings.throughput_repeats,
+                                                seed=settings.eval_seed)
+    if compute:
+        report["compute"] = compute
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "rlvr_report.json", report)
+    (out_dir / "rlvr_report.md").write_text(report_markdown(report))
+    plot_accuracy_vs_n(rows, out_dir / "rlvr_accuracy_vs_n.png", f"{task.name}: held-out accuracy vs N")
+    if record is not None:
+        record_figures(report, record)
+    return report
+
+
+def record_figures(report: dict[str, Any], record: Callable[..., None]) -> None:
+    """The report's headline figures as events of the run (optimization_analysis.json)."""
+    rows = report["accuracy_vs_n"]
+    greedy = next(r for r in rows if r["decoding"] == "greedy")
+    record("accuracy_vs_n", task=report["task"], problems=report["problems"],
+           accuracy={r["decoding"]: r["accuracy"] for r in rows},
+           tokens_per_prompt={r["decoding"]: r["tokens_per_prompt"] for r in rows},
+           wall_s={r["decoding"]: r["wall_s"] for r in rows}, greedy=greedy["accuracy"])
+    if "throughput" in report:
+        t = report["throughput"]
+        record("paths_per_s", paths=t["paths"], batched=t["batched_paths_per_s"], one_by_one=t["one_by_one_paths_per_s"],
+               median_ratio=t["median_ratio"], ci_low=t["ci_low"], ci_high=t["ci_high"], verdict=t["verdict"],
+               identical=t["identical_paths"])
+    if "warmup_vs_final" in report:
+        w = report["warmup_vs_final"]
+        record("warmup_vs_final", delta_points=w["delta_points"], warmup=w["warmup"]["accuracy"],
+               final=w["final"]["accuracy"])
+
+
 # -- rendering --------------------------------------------------------------------------------------
 
 
@@ -165,8 +234,6 @@ def _pct(x: float) -> str:
 
 
 def accuracy_table(rows: Sequence[dict[str, Any]], verifiable: bool) -> str:
-    from ryzen_core.report import markdown_table
-
     oracle = "any path right" if not verifiable else "any path verified"
     return markdown_table(
         ["decoding", "selection", "accuracy %", "95% CI", f"{oracle} %", "paths/prompt", "tokens/prompt", "wall s"],
@@ -185,8 +252,6 @@ def throughput_line(t: dict[str, Any]) -> str:
 
 def compute_table(compute: dict[str, Any]) -> str:
     """One row per training phase ({phase: {counter: value}}), or one row for a single run's counters."""
-    from ryzen_core.report import markdown_table
-
     phases = compute if all(isinstance(v, dict) for v in compute.values()) else {"run": compute}
     keys = list(dict.fromkeys(k for v in phases.values() for k in v))
     return markdown_table(["phase", *keys], [[name, *(v.get(k) for k in keys)] for name, v in phases.items()])

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ryzen_core.models import lm_logits
+from ryzen_core import lm_logits
 
 IGNORE = -100  # F.cross_entropy's ignore_index
 

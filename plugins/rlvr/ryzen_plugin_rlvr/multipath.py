@@ -123,7 +123,7 @@ def multipath_generate(inner: Any, model: torch.nn.Module, tokenizer: Any, task:
     paths share one prefill and have per-path seeds; otherwise (another plugin changed generation)
     each row is repeated `paths` times through `inner`, so that plugin's generation still runs.
     """
-    from ryzen_core.backends import TorchBackend
+    from ryzen_core import TorchBackend
 
     codec = TaskCodec(tokenizer)
     plain = getattr(inner, "__func__", None) is TorchBackend.plain_generate

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ryzen_core.models import filter_logits, is_hf_model, model_outputs
+from ryzen_core import filter_logits, is_hf_model, model_outputs
 
 
 def path_seed(seed: int, *keys: int) -> int:

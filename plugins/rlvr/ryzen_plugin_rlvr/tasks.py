@@ -1,7 +1,8 @@
 """Verifiable tasks: seeded prompt generators, answer parsers, and verifiers that return a reward.
 
 A task is a `Task` subclass. The built-in ones are `arithmetic` and `countdown`; third parties add
-theirs through the entry-point group `ryzen_rlvr.tasks` (see the README) or `register_task`.
+theirs through the entry-point group `ryzen_rlvr.tasks` (see the README), or name one where it lives,
+`module:Class`, without packaging it.
 
 Model output is never executed: Countdown expressions are parsed with `ast` and evaluated by
 walking a whitelist of node types (integer literals, + - * /, parentheses), with exact fractions.
@@ -274,31 +275,46 @@ class CountdownTask(Task):
 
 TaskFactory = Callable[..., Task]
 BUILTIN_TASKS: dict[str, TaskFactory] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}
-_registered: dict[str, TaskFactory] = {}
-
-
-def register_task(name: str, factory: TaskFactory) -> None:
-    """Make a task available under `name` in this process (entry points do the same for installed packages)."""
-    _registered[name] = factory
 
 
 def available_tasks() -> dict[str, TaskFactory]:
-    """Built-in tasks, then tasks of installed packages (entry points), then `register_task` ones."""
+    """Built-in tasks, then tasks of installed packages (entry points)."""
     from importlib.metadata import entry_points
 
     tasks: dict[str, TaskFactory] = dict(BUILTIN_TASKS)
     for ep in entry_points(group=TASK_ENTRY_POINT_GROUP):
         # Imported only when built, so one broken package cannot break the other tasks.
         tasks.setdefault(ep.name, lambda _ep=ep, **options: _ep.load()(**options))
-    tasks.update(_registered)
     return tasks
 
 
+def is_task_path(name: str) -> bool:
+    """`module:Class`: a task named by where it lives rather than registered. Unlike a registry kept in
+    one process, the name also works in the worker processes that validation starts."""
+    module, _, attr = name.partition(":")
+    return bool(module) and attr.isidentifier()
+
+
+def _imported_task(name: str) -> TaskFactory:
+    from importlib import import_module
+
+    module, _, attr = name.partition(":")
+    try:
+        return getattr(import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"task {name!r} cannot be imported ({exc})") from None
+
+
 def get_task(name: str, **options: Any) -> Task:
+    """The task `name` (built-in, from an installed package, or `module:Class`) built with `options`."""
     tasks = available_tasks()
-    if name not in tasks:
-        raise ValueError(f"unknown task {name!r} (available: {', '.join(sorted(tasks))})")
-    task = tasks[name](**options)
+    if name in tasks:
+        factory = tasks[name]
+    elif is_task_path(name):
+        factory = _imported_task(name)
+    else:
+        raise ValueError(f"unknown task {name!r} (available: {', '.join(sorted(tasks))}; or module:Class)")
+    task = factory(**options)
     if not isinstance(task, Task):
         raise TypeError(f"task {name!r} built a {type(task).__name__}, not a ryzen_plugin_rlvr.Task")
     return task

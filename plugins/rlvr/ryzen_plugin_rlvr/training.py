@@ -12,19 +12,21 @@ clipping, checkpoints, metrics and resume.
 
 Phase `sft+grpo` switches at `sft_fraction` of train.max_steps, counted by the optimizer's own step
 counter so that a resumed run picks up in the right phase. Problems and sampling seeds come from
-torch's global RNG, which the trainer checkpoints, so a resumed run sees the problems it would have.
+torch's global RNG, which the trainer checkpoints, so a resumed run sees the problems it would have;
+the counters, group statistics and a batch still being reused go through `state()` / `load_state()`
+into the plugin's state_dict, so a resumed run ends with the weights and figures of an uninterrupted one.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ryzen_core.forward import ForwardOutput
+from ryzen_core import ForwardOutput, latest_checkpoint, lm_logits, load_weights
 
 from .grpo import completion_logprobs, completion_mask, group_advantages, grpo_loss, sft_batch, sft_loss
 from .multipath import SolveConfig, solve
@@ -38,8 +40,6 @@ HELD_OUT_GUARD = 2000  # held-out problems per split kept out of training
 
 def load_initial_weights(model: torch.nn.Module, path: Path, record: Callable[..., None]) -> None:
     """Weights from a checkpoint directory, a .safetensors file or a run directory (its latest checkpoint)."""
-    from ryzen_core.checkpoint import latest_checkpoint, load_weights
-
     path = Path(path)
     if path.is_dir() and not (path / "model.safetensors").is_file():
         found = latest_checkpoint(path)
@@ -98,22 +98,30 @@ class Compute:
 
 
 class TaskTraining:
-    """Per-model training state shared by the rlvr hooks of one Trainer."""
+    """The task forward's state for one Trainer: the plugin instance of a variant holds one.
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, task: Task, settings: Any, config: Any,
-                 record: Callable[..., None]):
-        self.model, self.task, self.settings, self.config, self.record = model, task, settings, config, record
+    `settings` is read through `current_settings` at every use, never kept: the host replaces the
+    plugin's settings object on resume and when it applies an Adaptation."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, task: Task, current_settings: Callable[[], Any],
+                 max_steps: int | None, warmup_path: Path, record: Callable[..., None]):
+        self.model, self.task, self.current_settings, self.record = model, task, current_settings, record
+        self.max_steps, self.warmup_path = max_steps, warmup_path
         self.codec = TaskCodec(tokenizer)
         self.optimizer: torch.optim.Optimizer | None = None
         self.reference: torch.nn.Module | None = None
         self.stats = GroupStats()
         self.compute = Compute()
+        settings = self.settings
         guard = max(HELD_OUT_GUARD, settings.eval_problems, settings.monitor_problems)
         self.held_out = {p.prompt for split in ("validation", "test")
                          for p in task.problems(guard, seed=settings.eval_seed, split=split)}
         self.announced_phase: str | None = None
-        self._reuse: list[dict[str, Any]] = []
-        self._scaled_lrs: list[float] | None = None
+        self.sample: dict[str, Any] | None = None  # the sampled GRPO batch being reused (updates_per_batch > 1)
+
+    @property
+    def settings(self):
+        return self.current_settings()
 
     # -- phases -----------------------------------------------------------------------------
     @property
@@ -123,16 +131,12 @@ class TaskTraining:
             return 1 << 62
         if phase == "grpo":
             return 0
-        if self.config.train.max_steps is None:
+        if self.max_steps is None:
             raise ValueError("rlvr phase 'sft+grpo' splits train.max_steps; set it (or use phase sft / grpo)")
-        return round(self.settings.sft_fraction * self.config.train.max_steps)
+        return round(self.settings.sft_fraction * self.max_steps)
 
     def phase(self) -> str:
         return "sft" if optimizer_steps(self.optimizer) < self.sft_steps else "grpo"
-
-    def warmup_path(self) -> Path | None:
-        out = self.config.output.dir
-        return Path(out) / WARMUP_FILE if out is not None else None
 
     def ensure_reference(self) -> None:
         """The frozen warm-up model: the KL reference, and the 'before GRPO' model of the report."""
@@ -143,14 +147,14 @@ class TaskTraining:
         reference = copy.deepcopy(self.model).eval()
         for p in reference.parameters():
             p.requires_grad_(False)
-        step, path = optimizer_steps(self.optimizer), self.warmup_path()
+        step, path, settings = optimizer_steps(self.optimizer), self.warmup_path, self.settings
         if step == self.sft_steps:  # GRPO starts now: the current weights are the warm-up model
-            if self.settings.phase == "sft+grpo" and path is not None:
+            if settings.phase == "sft+grpo":
                 path.parent.mkdir(parents=True, exist_ok=True)
                 save_model(reference, str(path))
-        elif self.settings.phase == "grpo" and self.settings.init_from is not None:
-            load_initial_weights(reference, self.settings.init_from, self.record)
-        elif self.settings.phase == "sft+grpo" and path is not None and path.is_file():
+        elif settings.phase == "grpo" and settings.init_from is not None:
+            load_initial_weights(reference, settings.init_from, self.record)
+        elif settings.phase == "sft+grpo" and path.is_file():
             load_model(reference, str(path))  # resumed mid-GRPO: saved at the switch
             self.record("reference_loaded", path=str(path))
         else:
@@ -166,27 +170,12 @@ class TaskTraining:
                 self.record("phase", phase=phase, step=optimizer_steps(self.optimizer))
                 log.info("rlvr: %s phase from step %d", phase, optimizer_steps(self.optimizer))
                 self.announced_phase = phase
-            if phase == "grpo":
-                self._scale_lr()
             out = self.sft_step() if phase == "sft" else self.grpo_step()
             if self.settings.lm_weight > 0:
                 out = out.with_loss(out.loss + self.settings.lm_weight * inner(input_ids, targets).loss)
             return out
 
         return forward
-
-    def _scale_lr(self) -> None:
-        """GRPO at grpo_lr_scale times the scheduled learning rate: policy-gradient steps are noisier than
-        supervised ones. The scheduler writes a fresh rate after every step; a rate that still equals the
-        one set here was already scaled (another micro-batch of the same step), so it is left alone."""
-        if self.optimizer is None or self.settings.grpo_lr_scale == 1.0:
-            return
-        groups = self.optimizer.param_groups
-        if self._scaled_lrs == [g["lr"] for g in groups]:
-            return
-        for group in groups:
-            group["lr"] *= self.settings.grpo_lr_scale
-        self._scaled_lrs = [g["lr"] for g in groups]
 
     def _draw(self) -> int:
         # Torch's global RNG is in the trainer's checkpoint, so draws repeat after a resume.
@@ -202,8 +191,6 @@ class TaskTraining:
         prompts = [self.codec.prompt_ids(p.prompt) for p in problems]
         completions = [self.codec.completion_ids(p.solution) for p in problems]
         inputs, targets = sft_batch(prompts, completions, self.codec.eos_id)
-        from ryzen_core.models import lm_logits
-
         logits = lm_logits(self.model, inputs)
         if torch.is_grad_enabled():
             self.compute.sft_steps += 1
@@ -242,12 +229,10 @@ class TaskTraining:
         training = torch.is_grad_enabled()
         # A sampled batch is reused for `updates_per_batch` updates; the ratio to the sampling policy
         # (old_logp) then moves away from 1 and the clip bounds how far each update may go.
-        if not self._reuse or self._reuse[0]["uses"] >= s.updates_per_batch:
-            self._reuse = [self._sample_groups()]
-            fresh = True
-        else:
-            fresh = False
-        sample = self._reuse[0]
+        fresh = self.sample is None or self.sample["uses"] >= s.updates_per_batch
+        if fresh:
+            self.sample = self._sample_groups()
+        sample = self.sample
         if training:
             sample["uses"] += 1
         rows = sum(b["completions"].shape[0] for b in sample["batches"])
@@ -294,26 +279,59 @@ class TaskTraining:
         return sum(self.task.reward(p, s.completion) >= self.task.max_reward
                    for p, s in zip(problems, solutions)) / len(problems)
 
-    def adapt(self, epoch: int, step: int) -> dict[str, Any]:
+    def adapt(self, epoch: int, step: int, record: Callable[..., None]) -> tuple[dict[str, Any], str]:
         """Keep GRPO groups informative: a group whose completions all got the same reward teaches nothing.
 
         Mostly all-right groups: raise the sampling temperature (more diverse completions).
         Mostly all-wrong groups: double the group size (more chances that one completion is right).
         Mostly mixed groups: halve the group size, not below min_group_size (the signal is there
         with fewer completions; each step gets cheaper).
+
+        Returns the setting changes and why; the caller hands them to the host, which applies them
+        (and checkpoints them with the settings). The statistics start afresh for the next evaluation.
         """
         s, st = self.settings, self.stats.as_dict()
         changes: dict[str, Any] = {}
+        reason = ""
         if self.stats.groups and s.adapt:
             if st["all_right_fraction"] > 0.5 and s.group_temperature < s.max_group_temperature - 1e-9:
                 changes["group_temperature"] = round(min(s.max_group_temperature, s.group_temperature + 0.1), 3)
+                reason = "most groups were all right: more diverse completions"
             elif st["all_wrong_fraction"] > 0.5 and s.group_size * 2 <= s.max_group_size:
                 changes["group_size"] = s.group_size * 2
+                reason = "most groups were all wrong: more chances of a right completion"
             elif st["mixed_fraction"] > 0.5 and s.group_size // 2 >= s.min_group_size:
                 changes["group_size"] = s.group_size // 2
-        for key, value in changes.items():
-            setattr(s, key, value)  # host.settings: checkpointed with the trainer state, restored on resume
+                reason = "most groups were mixed: the signal holds with fewer completions"
         if self.stats.groups:
-            self.record("grpo_groups", epoch=epoch, step=step, **st)
+            record("grpo_groups", epoch=epoch, step=step, **st)
         self.stats = GroupStats()
-        return changes
+        return changes, reason
+
+    # -- what a resume needs ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Counters, group statistics and the batch being reused, as JSON values."""
+        sample = None
+        if self.sample is not None:
+            sample = {"uses": self.sample["uses"], "batches": [
+                {k: _tensor_json(v) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                for b in self.sample["batches"]]}
+        return {"stats": asdict(self.stats), "compute": self.compute.as_dict(), "announced_phase": self.announced_phase,
+                "sample": sample}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.stats = GroupStats(**state["stats"])
+        self.compute = Compute(**state["compute"])
+        self.announced_phase = state["announced_phase"]
+        sample = state["sample"]
+        self.sample = None if sample is None else {"uses": sample["uses"], "batches": [
+            {k: _tensor(v) if isinstance(v, dict) else v for k, v in b.items()} for b in sample["batches"]]}
+
+
+def _tensor_json(t: torch.Tensor) -> dict[str, Any]:
+    # float32 values are exact as Python floats, and JSON keeps every digit: the round trip is lossless.
+    return {"dtype": str(t.dtype).removeprefix("torch."), "values": t.tolist()}
+
+
+def _tensor(saved: dict[str, Any]) -> torch.Tensor:
+    return torch.tensor(saved["values"], dtype=getattr(torch, saved["dtype"]))

@@ -1,10 +1,10 @@
-"""Tiny models and tokenizers shared by the rlvr tests."""
+"""Tiny models and tokenizers shared by the rlvr tests (Ryzen's own fixtures come from ryzen_core.testing)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ryzen_core.models import Transformer, TransformerConfig
+from ryzen_core import Transformer, TransformerConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -17,15 +17,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def rlvr_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("rlvr-cache")
-
-
-@pytest.fixture(scope="session")
-def char_tokenizer(rlvr_cache):
+def char_tokenizer(ryzen_cache_dir):
     from ryzen_plugin_rlvr.pipeline import character_tokenizer
 
-    return character_tokenizer(rlvr_cache)
+    return character_tokenizer(ryzen_cache_dir)
 
 
 @pytest.fixture

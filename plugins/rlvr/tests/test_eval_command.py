@@ -2,28 +2,23 @@
 shows its progress."""
 from __future__ import annotations
 
-from click.testing import CliRunner
-
-from helpers import TINY
-from ryzen_core.plugins import PluginHost
-from ryzen_core.run import prepare, train_one
-from ryzen_plugin_rlvr import plugin
+from ryzen_core.testing import tiny_sets
 
 
-def test_rlvr_eval_of_a_run_without_rlvr_is_refused_without_writing(tmp_path):
-    from ryzen_core.cli import build_cli
-
+def test_rlvr_eval_of_a_run_without_rlvr_is_refused_without_writing(tmp_path, ryzen_cli):
     run_dir = tmp_path / "run"
-    train_one(prepare(PluginHost(), None, [*TINY, f"data.cache_dir={tmp_path / 'cache'}"], [], run_dir), PluginHost())
+    only_rlvr = {"RYZEN_LOAD_PLUGINS": "rlvr"}
+    trained = ryzen_cli("train", "--out", str(run_dir), *tiny_sets(), env=only_rlvr)
+    assert trained.returncode == 0, trained.stderr
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    host = PluginHost()
-    host.register(plugin, "rlvr")
-    result = CliRunner().invoke(build_cli(host), ["rlvr", "eval", str(run_dir), "--no-throughput",
-                                                  "--set", "rlvr.eval_problems=4", "--set", "rlvr.eval_paths=[1]"],
-                                obj={"host": host})
-    assert result.exit_code == 2, result.output
+    result = ryzen_cli("rlvr", "eval", str(run_dir), "--no-throughput", "--set", "rlvr.eval_problems=4",
+                       "--set", "rlvr.eval_paths=[1]", env=only_rlvr)
+    assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and f"{run_dir} is not an rlvr run (its plugins: none)" in result.stderr
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+    not_a_run = ryzen_cli("rlvr", "eval", str(tmp_path), env=only_rlvr)
+    assert not_a_run.returncode == 2 and not_a_run.stderr == f"Error: {tmp_path} is not a run directory (no config.json)\n"
 
 
 def test_accuracy_vs_n_logs_each_decoding_off_a_terminal(tiny_model, char_tokenizer, caplog, monkeypatch):

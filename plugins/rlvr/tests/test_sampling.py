@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ryzen_core.data import train_tokenizer
-from ryzen_core.models import filter_logits, generate
+from ryzen_core import TorchBackend, filter_logits, generate, train_tokenizer
 from ryzen_plugin_rlvr.multipath import SolveConfig, multipath_generate, solve
 from ryzen_plugin_rlvr.sampling import TaskCodec, generate_paths, path_seed, sample_rows
 from ryzen_plugin_rlvr.tasks import ArithmeticTask
@@ -126,8 +125,6 @@ def test_adaptive_n_gives_the_full_n_answer_with_fewer_paths(char_tokenizer, mon
 
 
 def test_on_infer_wrapper_returns_one_selected_path_per_row(tiny_model, char_tokenizer):
-    from ryzen_core.backends import TorchBackend
-
     backend = TorchBackend(tiny_model)
     task = ArithmeticTask(digits=2, terms=3)
     wrapped = multipath_generate(backend.plain_generate, tiny_model, char_tokenizer, task, paths=4,

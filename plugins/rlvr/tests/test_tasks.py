@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from ryzen_plugin_rlvr.tasks import (ArithmeticTask, CountdownTask, Problem, Task, available_tasks,
-                                     evaluate_expression, get_task, register_task)
+from ryzen_plugin_rlvr.tasks import (ArithmeticTask, CountdownTask, Problem, available_tasks,
+                                     evaluate_expression, get_task)
 
 
 @pytest.fixture
@@ -153,32 +153,33 @@ def test_evaluate_expression_is_exact():
         evaluate_expression("1/0")
 
 
-class EchoTask(Task):
-    """A toy third-party task: repeat the prompt's word."""
+def test_a_task_named_module_colon_class_is_imported_without_packaging(tmp_path, monkeypatch):
+    (tmp_path / "my_echo_task.py").write_text(textwrap.dedent('''
+        from ryzen_plugin_rlvr.tasks import Problem, Task
 
-    name = "echo"
-    max_new_tokens = 8
+        class EchoTask(Task):
+            name = "echo"
+            max_new_tokens = 8
 
-    def problems(self, n, seed=0, split="train"):
-        return [Problem(f"say {w}:", w, w) for w in ["cat", "dog", "owl"][:n]]
+            def problems(self, n, seed=0, split="train"):
+                return [Problem(f"say {w}:", w, w) for w in ["cat", "dog", "owl"][:n]]
 
-    def parse(self, completion):
-        return completion.split("<|endoftext|>")[0].strip() or None
+            def parse(self, completion):
+                return completion.split("<|endoftext|>")[0].strip() or None
 
-    def reward(self, problem, completion):
-        return float(self.parse(completion) == problem.target)
-
-
-def test_register_task_makes_it_available():
-    register_task("echo-test", EchoTask)
+            def reward(self, problem, completion):
+                return float(self.parse(completion) == problem.target)
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        assert "echo-test" in available_tasks()
-        task = get_task("echo-test")
+        task = get_task("my_echo_task:EchoTask")
         assert task.reward(task.problems(1)[0], "cat") == 1.0
+        with pytest.raises(ValueError, match="'my_echo_task:NoSuchTask' cannot be imported"):
+            get_task("my_echo_task:NoSuchTask")
+        with pytest.raises(ValueError, match="'no_such_module:EchoTask' cannot be imported"):
+            get_task("no_such_module:EchoTask")
     finally:
-        from ryzen_plugin_rlvr import tasks
-
-        tasks._registered.pop("echo-test")
+        sys.modules.pop("my_echo_task", None)
 
 
 def test_tasks_from_installed_packages_are_found_through_the_entry_point(tmp_path, monkeypatch):
