@@ -1,0 +1,71 @@
+"""The plugin through the host: settings, the swap at model load, a tiny training run, the packed
+file at the end of training, and on_infer's ternary path inside a whole tiny `ryzen run`."""
+import json
+import math
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+from ryzen_core import ConfigError, InferencePath, ReportSection
+from ryzen_plugin_bitnet.packed import FILE_NAME, load_packed
+from ryzen_plugin_bitnet.plugin import BitNetPlugin, BitNetSettings
+from ryzen_plugin_bitnet.quant import BitLinear
+
+
+def test_the_entry_point_names_the_plugin_class():
+    names = {ep.name: ep.value for ep in entry_points(group="ryzen.plugins")}
+    assert names.get("bitnet") == "ryzen_plugin_bitnet.plugin:BitNetPlugin"
+
+
+def test_bad_settings_are_config_errors(tiny_config, tiny_host):
+    with pytest.raises(ConfigError):
+        tiny_host(tiny_config("bitnet.input_norm=layer", plugins=["bitnet"]), bitnet=BitNetPlugin)
+    with pytest.raises(ConfigError):
+        tiny_host(tiny_config("bitnet.lr_scale=0", plugins=["bitnet"]), bitnet=BitNetPlugin)
+
+
+def test_a_tiny_run_trains_ternary_without_nan(tiny_config, tiny_host, tiny_train):
+    config = tiny_config("train.max_steps=12", "train.eval_every=6", plugins=["bitnet"])
+    host = tiny_host(config, bitnet=BitNetPlugin)
+    result = tiny_train(host, config)
+    assert not result.disabled
+    assert any(isinstance(m, BitLinear) for m in result.model.modules())
+    losses = [row["loss"] for row in result.metrics.steps]
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # trains: the last steps beat its own first ones
+    assert [e for e in host.events if e.event == "bitlinear"][0].data["layers"] == 8
+
+
+class FakeOptimizer:
+    def __init__(self):
+        self.param_groups = [{"lr": 2e-3, "weight_decay": 0.1}, {"lr": 2e-3, "weight_decay": 0.0}]
+
+
+def test_schedule_settings_scale_the_peak_lr_and_stop_decay(tiny_config):
+    config = tiny_config("train.max_steps=10")
+    plugin = BitNetPlugin(BitNetSettings(lr_scale=1.5, weight_decay=0.05, decay_until=0.5))
+    optimizer, events = FakeOptimizer(), []
+    record = lambda event, **data: events.append(event)  # noqa: E731
+    plugin.on_train_start(optimizer, record)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([3e-3, 3e-3])
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    plugin.on_train_batch_end(4, optimizer, config, record)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05
+    plugin.on_train_batch_end(5, optimizer, config, record)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0 and events[-1] == "weight_decay_off"
+
+
+def test_a_whole_tiny_run_packs_reports_and_validates_the_ternary_path(tiny_config, tiny_host, tiny_run):
+    config = tiny_config("validate.isolation=inline", plugins=["bitnet"])
+    host = tiny_host(config, bitnet=BitNetPlugin)
+    run_dir = tiny_run(host, config)
+    packed = run_dir / "optimized" / FILE_NAME
+    assert packed.is_file() and not (run_dir / "baseline" / FILE_NAME).exists()
+    assert len(load_packed(packed)) == 8
+    report = (run_dir / "report.md").read_text()
+    assert "read back bit-exactly" in report and "packed 2-bit" in report
+    events = {e.event: e.data for e in host.events if e.plugin == "bitnet"}
+    assert events["packed"]["round_trip_exact"] is True
+    assert events["inference"]["path"] == "ternary" and events["inference"]["weights_from"] == str(packed)
+    assert events["inference"]["kernels"] == ["int_mm"]
