@@ -1,13 +1,12 @@
 """The plugin through the host: settings, the swap at model load, a tiny training run, the packed
 file at the end of training, and on_infer's ternary path inside a whole tiny `ryzen run`."""
-import json
 import math
 from importlib.metadata import entry_points
 
 import pytest
 import torch
 
-from ryzen_core import ConfigError, InferencePath, ReportSection
+from ryzen_core import ConfigError, InferencePath, ReportSection, RunContext, Transformer, TransformerConfig, lm_logits
 from ryzen_plugin_bitnet.packed import FILE_NAME, load_packed
 from ryzen_plugin_bitnet.plugin import BitNetPlugin, BitNetSettings
 from ryzen_plugin_bitnet.quant import BitLinear
@@ -69,3 +68,37 @@ def test_a_whole_tiny_run_packs_reports_and_validates_the_ternary_path(tiny_conf
     assert events["packed"]["round_trip_exact"] is True
     assert events["inference"]["path"] == "ternary" and events["inference"]["weights_from"] == str(packed)
     assert events["inference"]["kernels"] == ["int_mm"]
+
+
+def small_model():
+    torch.manual_seed(0)
+    return Transformer(TransformerConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=1, d_ff=32, context_length=16))
+
+
+def test_on_train_end_writes_the_packed_file_and_a_report_section(tmp_path, tiny_config):
+    model = small_model()
+    plugin = BitNetPlugin(BitNetSettings(), RunContext(tiny_config(), None, tmp_path, tmp_path, "optimized"))
+    plugin.on_model_load(model, lambda event, **data: None)
+    section = plugin.on_train_end(model, lambda event, **data: None, plugin.context)
+    assert isinstance(section, ReportSection) and "bits/weight" in section.markdown
+    assert len(load_packed(tmp_path / FILE_NAME)) == 4
+
+
+@pytest.mark.parametrize("inference", ["ternary", "fake-quant"])
+def test_on_infer_returns_a_path_with_its_own_logits_even_without_a_packed_file(tmp_path, tiny_config, inference):
+    model = small_model()  # a validation worker's model: plain Linear layers holding the latent weights
+    plugin = BitNetPlugin(BitNetSettings(inference=inference),
+                          RunContext(tiny_config(), None, tmp_path, tmp_path / "nothing-here", "optimized"))
+    events = []
+    path = plugin.on_infer(model, lambda event, **data: events.append(data), plugin.context)
+    assert isinstance(path, InferencePath) and path.precision == ("ternary" if inference == "ternary" else "fp32")
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        fake_quant = small_model()
+        plugin.on_model_load(fake_quant, lambda event, **data: None)
+        torch.testing.assert_close(path.logits(ids), lm_logits(fake_quant.eval(), ids), rtol=1e-4, atol=1e-4)
+    assert path(ids, 3).shape == (1, 11)
+    assert not any(isinstance(m, BitLinear) for m in model.modules())  # the worker's model is left as it was
+    if inference == "ternary":
+        assert events[0]["weights_from"].startswith("quantized from the model")
+        assert path.weight_bytes < sum(p.numel() * 4 for p in model.parameters())
