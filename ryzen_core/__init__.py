@@ -11,6 +11,7 @@ from importlib import import_module
 
 from .errors import CheckpointError, ConfigError, PluginError, RyzenError, TrainingError
 from .hookspecs import hookimpl, hookspec
+from .progress import progress  # eager: a lazy name equal to its module's name would be shadowed by the module
 
 __version__ = "0.1.0"
 API_VERSION = "1.0"
@@ -52,14 +53,14 @@ _LAZY = {
     "utilization": "hardware_limits",
     # reports and progress
     "markdown_table": "report", "write_json": "report", "cpu_description": "hardware", "cpu_info": "hardware",
-    "package_version": "report", "progress": "progress",
+    "package_version": "report",
     # command line
     "config_option": "cli", "set_option": "cli", "plugins_option": "cli", "out_option": "cli",
     "with_run_config": "cli",
 }
 _MODULES = ("hardware", "measure")  # public as a whole: `from ryzen_core import hardware`
 
-__all__ = ["__version__", "API_VERSION", "hookimpl", "hookspec", "RyzenError", "ConfigError", "PluginError",
+__all__ = ["__version__", "API_VERSION", "hookimpl", "hookspec", "progress", "RyzenError", "ConfigError", "PluginError",
            "CheckpointError", "TrainingError", *_LAZY, *_MODULES]
 
 

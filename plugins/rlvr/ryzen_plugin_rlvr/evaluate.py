@@ -12,13 +12,11 @@ import logging
 import math
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import torch
 
-import ryzen_core
-from ryzen_core import format_ratio, markdown_table, paired_ratios, write_json
+from ryzen_core import format_ratio, markdown_table, paired_ratios, progress, write_json
 
 from .multipath import SolveConfig, solve
 from .sampling import TaskCodec, generate_paths, path_seed
@@ -82,7 +80,7 @@ def accuracy_vs_n(model: torch.nn.Module, codec: TaskCodec, task: Task, problems
         runs.append((f"N={adaptive_n} adaptive", SolveConfig(paths=adaptive_n, adaptive=True, round_size=round_size,
                                                             **sampled)))
     rows = []
-    for label, config in _progress()(runs, f"rlvr eval on {len(problems)} problems", unit="decoding"):
+    for label, config in progress(runs, f"rlvr eval on {len(problems)} problems", unit="decoding"):
         solutions, wall = timed_solve(model, codec, task, problems, config)
         tokens = sum(s.generated_tokens for s in solutions)
         rows.append({"decoding": label, "n": config.paths if config.temperature > 0 else 1,
@@ -91,14 +89,6 @@ def accuracy_vs_n(model: torch.nn.Module, codec: TaskCodec, task: Task, problems
                      "paths_per_prompt": sum(s.paths_used for s in solutions) / len(problems),
                      "generated_tokens": tokens, "tokens_per_prompt": tokens / len(problems), "wall_s": wall})
     return rows
-
-
-def _progress():
-    """ryzen_core's public `progress` function. Its name is also that of the core module defining it, and
-    once that module is imported the package attribute is the module (a core issue, reported), so then the
-    function is the module's attribute of the same name."""
-    found = ryzen_core.progress
-    return found.progress if isinstance(found, ModuleType) else found
 
 
 def paths_throughput(model: torch.nn.Module, codec: TaskCodec, task: Task, problems: Sequence[Problem], n: int = 8,
