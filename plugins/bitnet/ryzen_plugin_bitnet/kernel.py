@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .packed import load_packed
-from .quant import BitLinear, int8_activations, quantizable_linears, replace_module, rms_norm, ternary_weights
+from .quant import BitLinear, quantizable_linears, quantized_input, replace_module, ternary_weights
 
 KERNELS = ("int_mm", "int32")
 
@@ -62,8 +62,7 @@ class TernaryLinear(nn.Module):
 
     def integer_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(acc int32 [M, out], step [M, 1]) for x [..., in] flattened to M rows."""
-        x = rms_norm(x) if self.input_norm else x
-        q, step = int8_activations(x.reshape(-1, self.in_features).float())
+        q, step = quantized_input(x.reshape(-1, self.in_features).float(), self.input_norm)
         return int8_matmul(q.to(torch.int8), self.ternary.t(), self.kernel), step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,13 +4,13 @@ The recipe of arXiv 2402.17764 and its "training tips" note:
 - weights: absmean per tensor, `t = clamp(round(w / mean|w|), -1, 1)`, used as `t * mean|w|`;
 - activations: absmax per token to int8, `q = clamp(round(x / step), -128, 127)`, `step = max|x| / 127`;
 - a parameter-free RMSNorm on the input before it is quantized (the paper's SubLN/RMSNorm role: the
-  quantizer then sees inputs of unit scale). Without a gain it adds no parameter, so a BitLinear's
+  quantized input has unit scale whatever the layer before it wrote). Without a gain it adds no parameter, so a BitLinear's
   state_dict is a Linear's and checkpoints load into the plain model, where the plugin swaps again;
 - straight-through estimator: the forward uses the quantized values, the backward treats both
   quantizers as the identity, so gradients reach the latent full-precision weights unchanged.
 
 Embeddings and the LM head stay in full precision. The inference kernel (kernel.py) calls the same
-`ternary_weights` and `int8_activations`, so its integers are these integers.
+`ternary_weights` and `quantized_input`, so its integers are these integers.
 """
 from __future__ import annotations
 
@@ -34,8 +34,19 @@ def ternary_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, step): q integral in [-128, 127] (float), step = max|x| / 127 per token (last dim kept as 1)."""
-    step = x.detach().abs().amax(-1, keepdim=True).clamp(min=EPS) / INT8_MAX
-    return (x.detach() / step).round().clamp(-INT8_MAX - 1, INT8_MAX), step
+    step = x.detach().abs().amax(-1, keepdim=True).clamp_(min=EPS) / INT8_MAX
+    return (x.detach() / step).round_().clamp_(-INT8_MAX - 1, INT8_MAX), step
+
+
+def quantized_input(x: torch.Tensor, input_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, step) of the input as BitLinear multiplies it: `q * step` is the int8 absmax quantization of
+    rms_norm(x) (or of x). Absmax quantization does not see a per-token factor, so q is taken from x
+    itself and the norm's factor only scales the step: fewer operations, and training and the kernel
+    share these very integers."""
+    q, step = int8_activations(x)
+    if input_norm:
+        step = step * torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + EPS)
+    return q, step
 
 
 class BitLinear(nn.Linear):
@@ -59,8 +70,8 @@ class BitLinear(nn.Linear):
         return rms_norm(x) if self.input_norm else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalized(x)
-        q, step = int8_activations(x)
+        q, step = quantized_input(x, self.input_norm)
+        x = self.normalized(x)  # only for the gradient: the straight-through path goes through the norm
         t, scale = ternary_weights(self.weight)
         # Straight-through: the value is exactly the quantized one (adding an exact zero), the gradient
         # the identity's. The usual `w + (w_q - w).detach()` rounds twice and is off by an ulp.

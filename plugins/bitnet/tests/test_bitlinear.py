@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ryzen_core import Transformer, TransformerConfig, hf_model_from_config, tiny_llama_config
-from ryzen_plugin_bitnet.quant import BitLinear, int8_activations, quantizable_linears, rms_norm, swap_in_bitlinear
+from ryzen_plugin_bitnet.quant import BitLinear, quantizable_linears, quantized_input, swap_in_bitlinear
 
 
 def hand_fake_quant(x, w):
@@ -61,7 +61,7 @@ def test_the_straight_through_gradient_on_the_latent_weight_is_the_identitys():
     # The identity STE: the gradient the quantized weight would get, handed to the latent weight unchanged.
     # The input is quantized by the module's own functions so that only the weight's path is compared.
     w_q = hand_quantized_weight(bit.weight.detach()).requires_grad_()
-    q, step = int8_activations(rms_norm(x.detach()))
+    q, step = quantized_input(x.detach(), True)
     x_q = q * step
     (F.linear(x_q, w_q) * upstream).sum().backward()
     assert bit.weight.grad is not None and torch.count_nonzero(bit.weight.grad) > 0

@@ -7,7 +7,7 @@ import torch
 from ryzen_core import Transformer, TransformerConfig, generate, hf_model_from_config, lm_logits, tiny_llama_config
 from ryzen_plugin_bitnet.kernel import TernaryLinear, int8_matmul, load_ternary_model, ternary_model
 from ryzen_plugin_bitnet.packed import save_packed
-from ryzen_plugin_bitnet.quant import BitLinear, int8_activations, rms_norm, swap_in_bitlinear, ternary_weights
+from ryzen_plugin_bitnet.quant import BitLinear, quantized_input, swap_in_bitlinear, ternary_weights
 
 SHAPES = [(1, 1, 7, 5), (1, 1, 256, 768), (1, 3, 33, 17), (3, 5, 64, 130), (2, 17, 129, 31), (4, 9, 512, 256)]
 
@@ -27,7 +27,7 @@ def test_integer_results_equal_the_fake_quant_reference_exactly(kernel, batch, s
 
     acc, step = layer.integer_forward(x)
     # the reference's own integers: what BitLinear's forward multiplies, before the float rescale
-    q, ref_step = int8_activations(rms_norm(x))
+    q, ref_step = quantized_input(x, True)
     exact = q.reshape(-1, in_features).double() @ t.double().T  # exact: every product and sum is a small integer
     assert acc.dtype == torch.int32 and torch.equal(acc.double(), exact)
     assert torch.equal(step, ref_step.reshape(-1, 1))
