@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ryzen_core.report import package_version, write_json
+from ryzen_core import package_version, write_json
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from ryzen_core.measure import format_ratio, paired_ratios
-from ryzen_core.models.generate import generate as torch_generate
-from ryzen_core.models.generate import lm_logits
-from ryzen_core.plugins import describe_error
+from ryzen_core import describe_error, format_ratio, lm_logits, paired_ratios
+from ryzen_core import generate as torch_generate
 
 from .tune import MAX_ROUNDS_FACTOR
 
@@ -37,7 +35,7 @@ def quantized_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-class InferencePath:
+class TorchPath:
     """A model plus the precision it runs in; `generate` and `logits` as the validator calls them."""
 
     def __init__(self, name: str, model: torch.nn.Module, bf16: bool = False):
@@ -54,13 +52,13 @@ class InferencePath:
             return lm_logits(self.model, input_ids).float()
 
 
-def build_path(name: str, model: torch.nn.Module) -> InferencePath:
+def build_path(name: str, model: torch.nn.Module) -> TorchPath:
     if name == "int8":
-        return InferencePath("int8", quantized_int8(model))
-    return InferencePath(name, model, bf16=name == "bf16")
+        return TorchPath("int8", quantized_int8(model))
+    return TorchPath(name, model, bf16=name == "bf16")
 
 
-def logits_agreement(candidate: InferencePath, reference: InferencePath, ids: torch.Tensor) -> dict[str, float]:
+def logits_agreement(candidate: TorchPath, reference: TorchPath, ids: torch.Tensor) -> dict[str, float]:
     ref, got = reference.logits(ids), candidate.logits(ids)
     return {"logits_relative_error": float((got - ref).norm() / ref.norm()),
             "greedy_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
@@ -70,13 +68,13 @@ def tune_inference(model: torch.nn.Module, candidates: list[str], settings, voca
                    log_line: Callable[[str], None]) -> dict[str, Any]:
     """Time each candidate against fp32 decoding; return the trials and the chosen path's name."""
     model.eval()
-    reference = InferencePath("fp32", model)
+    reference = TorchPath("fp32", model)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab_size, (1, settings.infer_prompt_tokens), generator=gen)
     new_tokens = settings.infer_new_tokens
     held = reference.generate(prompt, new_tokens)  # what the model itself writes: in-distribution input
 
-    def seconds(path: InferencePath) -> Callable[[], float]:
+    def seconds(path: TorchPath) -> Callable[[], float]:
         def run() -> float:
             start = time.perf_counter()
             path.generate(prompt, new_tokens)

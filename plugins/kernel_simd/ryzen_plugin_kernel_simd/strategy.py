@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from ryzen_core.forward import Forward
-from ryzen_core.plugins import describe_error
+from ryzen_core import Forward, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,21 @@ class Strategy:
 REFERENCE = Strategy()
 
 
-def forward_context(strategy: Strategy) -> contextlib.ExitStack:
-    """The autocast and attention-kernel contexts a strategy's forward runs in (backward follows them)."""
+def plain_strategy(train_precision: str) -> Strategy:
+    """The plain path of a run: the reference knobs in the precision `train.precision` fixes (bf16 when
+    it says bf16: the trainer autocasts then, whatever the kernel does), fp32 otherwise."""
+    return REFERENCE.with_knob("precision", "bf16") if train_precision == "bf16" else REFERENCE
+
+
+def forward_context(strategy: Strategy, pin_precision: bool = False) -> contextlib.ExitStack:
+    """The autocast and attention-kernel contexts a strategy's forward runs in (backward follows them).
+    `pin_precision` also turns autocast off for an fp32 strategy, so an outer autocast (the trainer's,
+    under `train.precision: auto`) cannot run the forward in another precision than the one chosen."""
     stack = contextlib.ExitStack()
     if strategy.precision == "bf16":
         stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    elif pin_precision:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
     if strategy.attention == "math":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -100,14 +109,16 @@ def strict_compile_failure(reason: str) -> None:
 
 
 def wrap_forward(forward: Forward, strategy: Strategy,
-                 on_compile_failure: Callable[[str], None] = strict_compile_failure) -> Forward:
-    """`forward` run under the strategy's precision, attention kernel and compilation."""
-    if strategy.forward_knobs == REFERENCE.forward_knobs:
+                 on_compile_failure: Callable[[str], None] = strict_compile_failure,
+                 pin_precision: bool = False) -> Forward:
+    """`forward` run under the strategy's precision, attention kernel and compilation (see
+    forward_context for `pin_precision`)."""
+    if strategy.forward_knobs == REFERENCE.forward_knobs and not pin_precision:
         return forward
     inner = CompiledForward(forward, on_compile_failure) if strategy.compile == "inductor" else forward
 
     def strategy_forward(input_ids, targets):
-        with forward_context(strategy):
+        with forward_context(strategy, pin_precision):
             return inner(input_ids, targets)
 
     return strategy_forward

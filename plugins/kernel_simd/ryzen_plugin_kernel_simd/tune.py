@@ -31,11 +31,8 @@ from typing import Any, Callable
 
 import torch
 
-from ryzen_core import CpuFeatures
-from ryzen_core.forward import reference_forward
-from ryzen_core.measure import conditions, format_ratio, load_snapshot, paired_ratios
-from ryzen_core.plugins import describe_error
-from ryzen_core.trainer import build_optimizer
+from ryzen_core import (CpuFeatures, build_optimizer, conditions, describe_error, format_ratio, load_snapshot,
+                        paired_ratios, reference_forward)
 
 from .strategy import REFERENCE, Strategy, apply_optimizer, forward_context, wrap_forward
 
@@ -48,24 +45,26 @@ DECISION_RULE = "kept when the 95% bootstrap interval of the median speed ratio 
 MAX_ROUNDS_FACTOR = 2
 
 
-def plan(settings, cpu: CpuFeatures) -> tuple[Strategy, list[tuple[str, Any]], dict[str, str]]:
-    """The starting strategy (fixed choices from settings applied), the knob trials in order, and
-    why each knob that is not tried is not."""
+def plan(settings, cpu: CpuFeatures, train) -> tuple[Strategy, list[tuple[str, Any]], dict[str, str]]:
+    """The starting strategy (fixed choices applied), the knob trials in order, and why each knob that
+    is not tried is not. Precision and threads belong to the `train` section (one owner for the trainer
+    and the kernel): `train.precision` auto lets the kernel choose, `train.threads` unset lets it tune."""
     start, trials, not_tried = REFERENCE, [], {}
     for knob, candidate in KNOBS.items():
-        wanted = getattr(settings, knob)
+        wanted, where = (train.precision, "train.precision") if knob == "precision" else (getattr(settings, knob),
+                                                                                         f"kernel.{knob}")
         if wanted != "auto":
             start = start.with_knob(knob, wanted)
-            not_tried[knob] = f"{wanted} set in config"
+            not_tried[knob] = f"{wanted} set in {where}"
         elif knob == "precision" and not cpu.native_bf16:
             not_tried[knob] = ("fp32: the CPU has no native bf16 (no AVX-512 BF16 or AMX), so bf16 would be "
                                "emulated and slower")
         else:
             trials.append((knob, candidate))
     usable = cpu.usable_cores
-    if settings.threads:
-        start = start.with_knob("threads", settings.threads)
-        not_tried["threads"] = f"{settings.threads} set in config"
+    if train.threads:
+        start = start.with_knob("threads", train.threads)
+        not_tried["threads"] = f"{train.threads} set in train.threads"
     else:
         start = start.with_knob("threads", usable)
         if cpu.physical_cores and cpu.physical_cores < usable:

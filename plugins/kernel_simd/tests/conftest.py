@@ -4,9 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ryzen_core import CpuFeatures
-from ryzen_core.config import RunConfig
-from ryzen_core.models.transformer import PRESETS, Transformer, TransformerConfig
+from ryzen_core import PRESETS, CpuFeatures, RunConfig, Transformer, TransformerConfig
 
 ALL = {"avx2": True, "fma": True, "avx512f": True, "avx512bw": True, "avx512_vnni": True,
        "avx512_bf16": True, "amx_bf16": False, "amx_int8": False}
@@ -30,8 +28,10 @@ def tiny_model() -> torch.nn.Module:
 
 @pytest.fixture
 def config(tmp_path) -> RunConfig:
+    """A small batch shape; train.precision auto, so precision is the kernel's to choose (as threads are)."""
     cfg = RunConfig()
     cfg.train.batch_size, cfg.data.seq_len, cfg.data.cache_dir = 2, 16, tmp_path / "cache"
+    cfg.train.precision = "auto"
     return cfg
 
 

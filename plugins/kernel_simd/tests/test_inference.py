@@ -1,12 +1,11 @@
 """The torch inference paths: int8 really quantizes, soundness is checked, the validator sees the path."""
 import torch
 
-from ryzen_core.backends import TorchBackend
-from ryzen_core.models.generate import lm_logits
-from ryzen_core.plugins import PluginHost
-from ryzen_plugin_kernel_simd import inference, plugin
+from ryzen_core import InferencePath, RunContext, TorchBackend, lm_logits
+from ryzen_core.testing import make_host
+from ryzen_plugin_kernel_simd import inference
 from ryzen_plugin_kernel_simd.inference import build_path, tune_inference
-from ryzen_plugin_kernel_simd.plugin import KernelSettings
+from ryzen_plugin_kernel_simd.plugin import KernelPlugin, KernelSettings
 
 
 def test_int8_path_quantizes_every_linear_and_stays_close(tiny_model):
@@ -43,15 +42,22 @@ def test_tuning_rejects_an_unsound_path_and_records_every_trial(tiny_model, monk
     assert result["chosen"] == ("int8" if int8["accepted"] else "fp32")
 
 
-def test_on_infer_hands_the_validator_the_path_that_generates(tiny_model):
-    host = PluginHost()
-    host.register(plugin, "kernel")
-    host.settings = {"kernel": KernelSettings(inference="int8")}
+def variant_host(config, **settings):
+    """A host with the kernel's instance for one variant, as validation (or its worker) makes it."""
+    host = make_host({"kernel": KernelPlugin})
+    host.settings = {"kernel": KernelSettings(**settings)}
+    run_dir = config.data.cache_dir.parent
+    host.begin_variant(RunContext(config, None, run_dir, run_dir / "optimized", "optimized", ["kernel"]), ["kernel"])
+    return host
+
+
+def test_on_infer_hands_the_validator_the_path_that_generates(tiny_model, config):
+    host = variant_host(config, inference="int8")
     tiny_model.eval()
     backend = TorchBackend(tiny_model)
     wrapped = host.fold("on_infer", ["kernel"], "generate", backend.plain_generate, fallback=False, model=tiny_model,
-                        tokenizer=None, config=None)
-    assert wrapped is not backend.plain_generate
+                        tokenizer=None, config=config)
+    assert isinstance(wrapped, InferencePath) and wrapped.logits is not None
     optimized = TorchBackend(tiny_model, "torch-optimized", wrapped)
     ids = torch.randint(0, 256, (1, 8))
     assert not torch.equal(optimized.logits(ids), backend.logits(ids))  # int8 logits, not the fp32 model's
@@ -60,10 +66,8 @@ def test_on_infer_hands_the_validator_the_path_that_generates(tiny_model):
     assert out.shape == (1, 13) and torch.equal(out[:, :8], ids)
 
 
-def test_fp32_setting_keeps_the_plain_generate(tiny_model):
-    host = PluginHost()
-    host.register(plugin, "kernel")
-    host.settings = {"kernel": KernelSettings(inference="fp32")}
+def test_fp32_setting_keeps_the_plain_generate(tiny_model, config):
+    host = variant_host(config, inference="fp32")
     plain = TorchBackend(tiny_model).plain_generate
     assert host.fold("on_infer", ["kernel"], "generate", plain, fallback=False, model=tiny_model, tokenizer=None,
-                     config=None) is plain
+                     config=config) is plain

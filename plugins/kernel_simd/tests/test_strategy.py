@@ -4,10 +4,8 @@ import copy
 import pytest
 import torch
 
-from ryzen_core.config import RunConfig
-from ryzen_core.forward import reference_forward
-from ryzen_core.trainer import build_optimizer
-from ryzen_plugin_kernel_simd.strategy import (REFERENCE, CompiledForward, Strategy, apply_optimizer,
+from ryzen_core import RunConfig, build_optimizer, reference_forward
+from ryzen_plugin_kernel_simd.strategy import (REFERENCE, CompiledForward, Strategy, apply_optimizer, plain_strategy,
                                                wrap_forward)
 
 
@@ -41,6 +39,33 @@ def test_forward_knobs_keep_the_loss_within_tolerance(tiny_model, knobs):
         out = wrap_forward(fwd, Strategy(**knobs))(x, y)
     assert seen["dtype"] == (torch.bfloat16 if knobs.get("precision") == "bf16" else torch.float32)
     assert abs(out.loss.item() - expected) / expected < 0.02
+
+
+def attention_dtypes(forward, under_autocast: bool) -> set:
+    """The dtypes scaled-dot-product attention sees in one forward, optionally inside a bf16 autocast."""
+    seen = set()
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                   lambda q, *a, **k: seen.add(q.dtype) or real_sdpa(q, *a, **k))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=under_autocast):
+            forward(*batch())
+    return seen
+
+
+def test_a_pinned_fp32_forward_stays_fp32_inside_the_trainers_autocast(tiny_model):
+    fwd = reference_forward(tiny_model)
+    assert attention_dtypes(fwd, under_autocast=True) == {torch.bfloat16}  # what the outer autocast alone does
+    pinned = wrap_forward(fwd, REFERENCE, pin_precision=True)
+    assert pinned is not fwd
+    assert attention_dtypes(pinned, under_autocast=True) == {torch.float32}
+    assert attention_dtypes(wrap_forward(fwd, Strategy(precision="bf16"), pin_precision=True),
+                            under_autocast=False) == {torch.bfloat16}
+
+
+def test_the_plain_path_follows_a_fixed_train_precision():
+    assert plain_strategy("bf16") == REFERENCE.with_knob("precision", "bf16")
+    assert plain_strategy("fp32") == plain_strategy("auto") == REFERENCE
 
 
 def test_math_attention_disables_the_flash_kernel_inside_the_forward_only(tiny_model):

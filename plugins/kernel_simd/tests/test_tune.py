@@ -3,36 +3,45 @@ import json
 
 import torch
 
-from ryzen_core.forward import ForwardOutput
-from ryzen_plugin_kernel_simd import plugin, tune
-from ryzen_plugin_kernel_simd.plugin import KernelSettings, decide
+from ryzen_core import ForwardOutput, compare_pairs, cpu_features
+from ryzen_plugin_kernel_simd import decision, tune
+from ryzen_plugin_kernel_simd.decision import decide
+from ryzen_plugin_kernel_simd.plugin import KernelSettings
+from ryzen_plugin_kernel_simd.report import decision_markdown
 from ryzen_plugin_kernel_simd.strategy import REFERENCE, Strategy
 from ryzen_plugin_kernel_simd.tune import Tuner, plan
 
 FAST = dict(tune_rounds=2, tune_steps=1, compile="eager")
 
 
-def test_plan_tries_bf16_only_on_native_hardware(make_cpu):
-    start, trials, not_tried = plan(KernelSettings(), make_cpu(native_bf16=True))
+def test_plan_tries_bf16_only_on_native_hardware(make_cpu, config):
+    start, trials, not_tried = plan(KernelSettings(), make_cpu(native_bf16=True), config.train)
     assert [k for k, _ in trials] == ["precision", "attention", "optimizer", "compile"]
     assert start == REFERENCE.with_knob("threads", 2)
 
-    start, trials, not_tried = plan(KernelSettings(), make_cpu(native_bf16=False))
+    start, trials, not_tried = plan(KernelSettings(), make_cpu(native_bf16=False), config.train)
     assert "precision" not in dict(trials) and start.precision == "fp32"
     assert "no native bf16" in not_tried["precision"]
 
 
-def test_plan_applies_fixed_choices_and_tries_one_thread_per_physical_core(make_cpu):
-    settings = KernelSettings(precision="bf16", compile="eager")
-    start, trials, not_tried = plan(settings, make_cpu(usable=4, physical=2))
+def test_plan_applies_fixed_choices_and_tries_one_thread_per_physical_core(make_cpu, config):
+    train = config.train.model_copy(update={"precision": "bf16"})
+    start, trials, not_tried = plan(KernelSettings(compile="eager"), make_cpu(usable=4, physical=2), train)
     assert start.precision == "bf16" and start.compile == "eager" and start.threads == 4
     assert dict(trials) == {"attention": "math", "optimizer": "fused", "threads": 2}
-    assert not_tried["precision"] == "bf16 set in config"
+    assert not_tried["precision"] == "bf16 set in train.precision" and not_tried["compile"] == "eager set in kernel.compile"
+
+
+def test_precision_and_threads_are_read_from_the_train_section(make_cpu, config):
+    """One owner: a fixed train.precision or train.threads is never tuned, whatever the CPU has."""
+    train = config.train.model_copy(update={"precision": "fp32", "threads": 3})
+    start, trials, not_tried = plan(KernelSettings(), make_cpu(native_bf16=True, usable=4, physical=2), train)
+    assert start.precision == "fp32" and start.threads == 3
+    assert "precision" not in dict(trials) and "threads" not in dict(trials)
+    assert not_tried["precision"] == "fp32 set in train.precision" and not_tried["threads"] == "3 set in train.threads"
 
 
 def test_masking_bf16_picks_fp32_and_says_why(tiny_model, config, make_cpu):
-    from ryzen_core import cpu_features
-
     masked = cpu_features(mask=["avx512_bf16", "amx_bf16"])
     decision, source = decide(tiny_model, config, KernelSettings(autotune=False, mask_features=["avx512_bf16", "amx_bf16"]),
                               masked)
@@ -40,6 +49,9 @@ def test_masking_bf16_picks_fp32_and_says_why(tiny_model, config, make_cpu):
     assert "no native bf16" in decision["not_tried"]["precision"]
     decision, _ = decide(tiny_model, config, KernelSettings(autotune=False), make_cpu(native_bf16=True))
     assert decision["chosen"]["precision"] == "bf16"
+    config.train.precision = "fp32"  # fixed: not even `autotune: false` turns bf16 on
+    decision, _ = decide(tiny_model, config, KernelSettings(autotune=False), make_cpu(native_bf16=True))
+    assert decision["chosen"]["precision"] == "fp32"
 
 
 def run_tuner(model, config, settings, trials, start=None):
@@ -67,7 +79,7 @@ def test_trials_record_speed_and_soundness_and_the_choice_is_sound(tiny_model, c
     assert trained and all(loss < losses["after_0_steps"] for loss in trained)
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))  # tuning works on copies
     assert result["conditions"]["usable_cores"] >= 1 and isinstance(result["conditions"]["busy"], bool)
-    assert "machine was busy" in plugin.decision_markdown(dict(result, conditions=dict(
+    assert "machine was busy" in decision_markdown(dict(result, conditions=dict(
         result["conditions"], busy=True, reasons=["load average 9.00 above the 2 usable cores"])), "measured")
 
 
@@ -89,8 +101,6 @@ def test_an_unsound_candidate_is_not_kept_however_fast(tiny_model, config, monke
 
 
 def always_faster():
-    from ryzen_core.measure import compare_pairs
-
     return compare_pairs([100.0, 100.0, 100.0], [300.0, 310.0, 290.0], higher_is_better=True)
 
 
@@ -127,9 +137,11 @@ def test_decision_is_cached_reused_and_invalidated(tiny_model, config, make_cpu,
     assert source == "measured" and runs == [3, 2]
     config.train.batch_size = 3
     assert decide(tiny_model, config, settings, make_cpu())[1] == "measured"
-    monkeypatch.setattr(plugin, "library_versions", lambda: {"torch": "9.9"})
+    monkeypatch.setattr(decision, "library_versions", lambda: {"torch": "9.9"})
     assert decide(tiny_model, config, settings, make_cpu())[1] == "measured"
     assert decide(tiny_model, config, settings, make_cpu())[1] == "cache"
+    config.train.precision = "fp32"  # the train section's precision is part of the key
+    assert decide(tiny_model, config, settings, make_cpu())[1] == "measured" and runs[-1] == 2
     assert decide(tiny_model, config, settings.model_copy(update={"retune": True}), make_cpu())[1] == "measured"
 
 
@@ -145,7 +157,7 @@ def test_an_unreadable_cache_file_means_tuning_again(tiny_model, config, make_cp
 
 
 def test_a_model_of_another_shape_misses_the_cache(config, make_cpu):
-    from ryzen_core.models.transformer import PRESETS, Transformer, TransformerConfig
+    from ryzen_core import PRESETS, Transformer, TransformerConfig
 
     settings = KernelSettings(**FAST)
     small = Transformer(TransformerConfig(**dict(PRESETS["tiny"], dropout=0.0)))
@@ -156,8 +168,6 @@ def test_a_model_of_another_shape_misses_the_cache(config, make_cpu):
 
 
 def test_the_combination_falls_back_when_the_confirmation_says_slower(tiny_model, config, monkeypatch):
-    from ryzen_core.measure import compare_pairs
-
     calls = []
 
     def scripted(run_a, run_b, **kwargs):
@@ -175,8 +185,6 @@ def test_the_combination_falls_back_when_the_confirmation_says_slower(tiny_model
 
 
 def test_a_cached_choice_is_still_compared_with_the_reference_in_this_run(tiny_model, config, make_cpu, monkeypatch):
-    from ryzen_core.measure import compare_pairs
-
     real = tune.paired_ratios
 
     def measured_then_faster(*args, **kwargs):  # really times both sides; says B won, so bf16 stays chosen
@@ -184,7 +192,8 @@ def test_a_cached_choice_is_still_compared_with_the_reference_in_this_run(tiny_m
         return compare_pairs(result.values_a, [3 * v for v in result.values_a], higher_is_better=True)
 
     monkeypatch.setattr(tune, "paired_ratios", measured_then_faster)
-    settings = KernelSettings(**dict(FAST, precision="bf16"))  # fixed, so the choice differs from the reference
+    settings = KernelSettings(**FAST)
+    config.train.precision = "bf16"  # fixed, so the choice differs from the reference
     first, _ = decide(tiny_model, config, settings, make_cpu())
     assert 2 <= first["confirmation"]["speedup"]["n"] <= 4
     again, source = decide(tiny_model, config, settings, make_cpu())
