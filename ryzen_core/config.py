@@ -108,8 +108,10 @@ class TrainConfig(Section):
     eval_batches: Count = 16
     early_stop_patience: int = Field(0, ge=0)
     """Evaluations without improvement before stopping; 0 turns early stopping off."""
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
-    """'auto' uses bf16 autocast where the CPU has native bf16."""
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    """The one owner of training precision. 'fp32': no bf16 anywhere; 'bf16': every variant trains under bf16
+    autocast; 'auto': the trainer runs fp32 (so the baseline is plain fp32) and an optimization plugin may choose
+    bf16 where the CPU has native bf16 (the kernel plugin measures it)."""
     max_bad_steps: int = Field(5, gt=0)
     """Consecutive steps with NaN/inf loss or gradients before the run stops."""
     checkpoint_every: Count = 100

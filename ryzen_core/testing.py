@@ -236,7 +236,7 @@ def ryzen_cli(ryzen_cache_dir):
 
     def run(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 1800):
         # The timeout only stops a hung command; a loaded machine is slow, not broken.
-        full_env = dict(os.environ, RYZEN_CACHE_DIR=str(ryzen_cache_dir), CI="1", **(env or {}))
+        full_env = {**os.environ, "RYZEN_CACHE_DIR": str(ryzen_cache_dir), "CI": "1", **(env or {})}
         return subprocess.run([sys.executable, "-m", "ryzen_core.cli", *args], capture_output=True, text=True,
                               env=full_env, cwd=cwd, timeout=timeout)
 

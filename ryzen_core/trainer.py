@@ -27,7 +27,6 @@ from .context import RunContext
 from .data import BatchSampler, PreparedData
 from .errors import TrainingError
 from .forward import Forward, reference_forward
-from .hardware import native_bf16
 from .metrics import MetricsCollector
 from .models.build import build_model
 from .errors import PluginError
@@ -107,7 +106,7 @@ class Trainer:
         self.step, self.micro_batches, self.elapsed = 0, 0, 0.0
         self.best_val, self.evals_since_best, self.bad_in_row = math.inf, 0, 0
         self._epoch_cache: tuple[int, list[torch.Tensor]] | None = None
-        self.autocast = self.tc.precision == "bf16" or (self.tc.precision == "auto" and native_bf16())
+        self.autocast = self.tc.precision == "bf16"  # 'auto' leaves the choice to plugins (config.py)
 
     @property
     def active_plugins(self) -> list[str]:

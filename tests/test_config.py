@@ -57,11 +57,13 @@ def test_bad_set_syntax_and_bad_file(tmp_path):
 
 
 def test_plugin_sections_are_validated_by_the_plugins_own_model():
-    config = load_config(overrides=["kernel.precision=fp32", "kernel.threads=2"])
+    config = load_config(overrides=["kernel.attention=math", "kernel.tune_rounds=3"])
     settings = resolve_plugin_settings(config, {"kernel": KernelSettings})
-    assert settings["kernel"].precision == "fp32" and settings["kernel"].threads == 2
-    with pytest.raises(ConfigError, match="kernel.threads: Input should be greater than 0"):
-        resolve_plugin_settings(load_config(overrides=["kernel.threads=0"]), {"kernel": KernelSettings})
+    assert settings["kernel"].attention == "math" and settings["kernel"].tune_rounds == 3
+    with pytest.raises(ConfigError, match="kernel.tune_rounds: Input should be greater than or equal to 2"):
+        resolve_plugin_settings(load_config(overrides=["kernel.tune_rounds=1"]), {"kernel": KernelSettings})
+    with pytest.raises(ConfigError, match="'precision' moved to train.precision"):  # one owner per decision
+        resolve_plugin_settings(load_config(overrides=["kernel.precision=fp32"]), {"kernel": KernelSettings})
     with pytest.raises(ConfigError, match="unknown section 'kernal'"):
         resolve_plugin_settings(load_config(overrides=["kernal.threads=2"]), {"kernel": KernelSettings})
 
@@ -85,6 +87,6 @@ def test_config_show_and_schema(ryzen):
     assert shown.returncode == 0, shown.stderr
     data = json.loads(shown.stdout)
     assert data["train"]["lr"] == 0.005 and data["plugins"] == ["kernel"]
-    assert data["kernel"]["precision"] == "auto"  # plugin defaults appear in the effective config
+    assert data["kernel"]["attention"] == "auto"  # plugin defaults appear in the effective config
     schema = json.loads(ryzen("config", "schema").stdout)
     assert {"model", "data", "train", "validate", "output", "kernel"} <= set(schema["properties"])
