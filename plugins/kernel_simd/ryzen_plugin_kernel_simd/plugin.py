@@ -52,7 +52,7 @@ class KernelSettings(PluginSettings):
     tuned, because subnormals appear only as the model trains, after tuning has measured."""
     autotune: bool = True
     """Measure the 'auto' choices; when false they take the reference choice, except precision,
-    which then follows the CPU (bf16 where native) as the trainer's `train.precision: auto` does."""
+    which under `train.precision: auto` then follows the CPU (bf16 where native)."""
     retune: bool = False
     """Measure again even if a decision for this CPU, model shape and library versions is cached."""
     tune_rounds: int = Field(7, ge=2)
@@ -100,7 +100,7 @@ class KernelState:
     chosen: Strategy
     active: Strategy
     plain: Strategy  # the run's plain path: what a switch back goes to, what re-checks time against
-    pin: bool  # train.precision is auto: the trainer may autocast, so the kernel's forward states its own precision
+    pin: bool  # train.precision is auto: the choice is the kernel's, so its forward states the precision itself
     batch: tuple[torch.Tensor, torch.Tensor]
     inner: Forward | None = None
     plain_forward: Forward | None = None
@@ -186,8 +186,8 @@ class KernelPlugin(Plugin):
             state.active = state.active.with_knob("compile", "eager")
 
         state.forward = wrap_forward(forward, state.active, compile_failed, pin_precision=state.pin)
-        pinned = {"note": "precision set inside the forward: train.precision is auto, so the trainer autocasts "
-                          "where the CPU has native bf16"} if state.pin else {}
+        pinned = {"note": "precision set inside the forward: train.precision is auto, so the kernel owns the "
+                          "choice and states it even under an outer autocast"} if state.pin else {}
         record("forward", strategy=state.active.describe(), **pinned)
 
         def kernel_forward(input_ids, targets):
