@@ -1,0 +1,1 @@
+"""`ryzen serve`: an OpenAI-compatible completions server with iteration-level continuous batching."""

@@ -1,0 +1,111 @@
+"""How one decode iteration runs the model for every active sequence, each with its own KV cache.
+
+`SlotRunner` batches the built-in Transformer for real: every sequence owns a slot of a preallocated
+KV buffer [max_batch, heads, context, head_dim] per layer; a decode step writes each sequence's new
+key/value at its own position, attends over the slots up to the longest sequence with a padding
+mask, and runs every matmul once for the whole batch. Prefill runs the model's own cached forward
+on the prompt alone (exactly what `ryzen_core.generate` does) and copies its cache into the slot.
+
+`StepwiseRunner` is for any other model `model_outputs` drives (Hugging Face causal LMs): each
+sequence keeps the model's own cache object and is stepped on its own within the iteration, so
+sequences still join and leave at every step, but the matmuls are not batched.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ryzen_core import Transformer, model_outputs
+
+
+class SlotRunner:
+    """Batched decoding of the built-in Transformer over per-slot KV buffers of different lengths."""
+
+    batched = True
+
+    def __init__(self, model: Transformer, max_batch: int):
+        self.model, self.config = model, model.config
+        self.free = list(range(max_batch))
+        self.lengths = [0] * max_batch
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.max_batch = max_batch
+
+    def _allocate(self, like: torch.Tensor) -> None:
+        c = self.config
+        shape = (self.max_batch, c.n_heads, c.context_length, c.head_dim)
+        self.keys = [torch.zeros(shape, dtype=like.dtype) for _ in range(c.n_layers)]
+        self.values = [torch.zeros(shape, dtype=like.dtype) for _ in range(c.n_layers)]
+
+    @torch.inference_mode()
+    def prefill(self, seq, prompt: list[int]) -> torch.Tensor:
+        """Logits [V] after the prompt; the sequence takes a free slot holding the prompt's cache."""
+        logits, past = model_outputs(self.model, torch.tensor([prompt]), None)
+        if not self.keys:
+            self._allocate(past[0][0])
+        seq.slot = self.free.pop()
+        for layer, (k, v) in enumerate(past):
+            self.keys[layer][seq.slot, :, :len(prompt)] = k[0]
+            self.values[layer][seq.slot, :, :len(prompt)] = v[0]
+        self.lengths[seq.slot] = len(prompt)
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def step(self, seqs: list, tokens: list[int]) -> torch.Tensor:
+        """Logits [B, V] after appending tokens[i] to seqs[i]: one batched forward of one position each."""
+        model, d_model = self.model, self.config.d_model
+        slots = torch.tensor([s.slot for s in seqs])
+        positions = torch.tensor([self.lengths[s.slot] for s in seqs])
+        span = int(positions.max()) + 1
+        # Row i sees its own keys 0..positions[i]; the slots' padding beyond is masked out.
+        mask = (torch.arange(span)[None, :] <= positions[:, None])[:, None, None, :]
+        x = model.tok_emb(torch.tensor(tokens)[:, None]) + model.pos_emb(positions)[:, None, :]
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            q, k, v = attn.qkv(block.norm_attn(x)).split(d_model, dim=2)
+            q, k, v = (t.view(len(seqs), 1, attn.n_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+            self.keys[layer][slots, :, positions] = k[:, :, 0]
+            self.values[layer][slots, :, positions] = v[:, :, 0]
+            y = F.scaled_dot_product_attention(q, self.keys[layer][slots, :, :span],
+                                               self.values[layer][slots, :, :span], attn_mask=mask)
+            x = x + attn.proj(y.transpose(1, 2).reshape(len(seqs), 1, d_model))
+            x = x + block.mlp(block.norm_mlp(x))
+        for s in seqs:
+            self.lengths[s.slot] += 1
+        return model.lm_head(model.norm_final(x))[:, 0]
+
+    def release(self, seq) -> None:
+        if getattr(seq, "slot", None) is not None:
+            self.free.append(seq.slot)
+            seq.slot = None
+
+
+class StepwiseRunner:
+    """Any model `model_outputs` drives: each sequence steps with its own cache inside the iteration."""
+
+    batched = False
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    @torch.inference_mode()
+    def prefill(self, seq, prompt: list[int]) -> torch.Tensor:
+        logits, seq.past = model_outputs(self.model, torch.tensor([prompt]), None)
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def step(self, seqs: list, tokens: list[int]) -> torch.Tensor:
+        rows = []
+        for seq, token in zip(seqs, tokens):
+            logits, seq.past = model_outputs(self.model, torch.tensor([[token]]), seq.past)
+            rows.append(logits[0, -1])
+        return torch.stack(rows)
+
+    def release(self, seq) -> None:
+        seq.past = None
+
+
+def runner_for(model: torch.nn.Module, max_batch: int):
+    """The batched runner for the built-in Transformer, the stepwise one for anything else."""
+    inner = getattr(model, "_orig_mod", model)
+    return SlotRunner(inner, max_batch) if isinstance(inner, Transformer) else StepwiseRunner(model)
