@@ -17,6 +17,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
     "$VENV/bin/python" -m pip install --quiet -e ".[test]" \
         -e plugins/kernel_simd -e plugins/semantic_compression -e plugins/rlvr -e plugins/onnx_export -e "plugins/runtimes[ctranslate2]" \
-        -e plugins/bitnet -e examples/ryzen-plugin-label-smoothing
+        -e plugins/bitnet -e "plugins/serve[test]" -e examples/ryzen-plugin-label-smoothing
     echo "$want" > "$stamp"
 fi
