@@ -1,6 +1,7 @@
 """Compression benchmark: each technique of the compression plugin against quality, on real text.
 
-    python plugins/semantic_compression/bench_compression.py --out plugins/semantic_compression/bench_results
+    python plugins/semantic_compression/benchmarks/bench_compression.py \
+        --out plugins/semantic_compression/benchmarks/bench_results
 
 Trains the built-in model on the Python standard library with the core Trainer (same seed,
 data and step budget for every variant): plain, Matryoshka (nested loss), saved
@@ -12,7 +13,7 @@ target. Then measures:
   for the trained models' pooled hidden states, on held-out stdlib functions;
 - test perplexity with the LM head on hidden-state prefixes, and with top-k at several
   sparsities; batch-1 decode tokens/s sparse vs dense and truncated vs full head
-  (interleaved pairs, ryzen_core.validator.paired_ratios);
+  (interleaved pairs, ryzen_core.paired_ratios);
 - Matryoshka sentence embeddings: MiniLM trained on stdlib training-split pairs with the
   nested contrastive loss and without it (a linear adaptor on frozen embeddings, and full
   fine-tuning), prefixes evaluated on the held-out functions;
@@ -37,6 +38,7 @@ import torch
 
 log = logging.getLogger("bench_compression")
 
+DIVISORS = [16, 8, 4, 2, 1]
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "plain": None,  # no plugin: the core forward alone
     "matryoshka": dict(matryoshka=True, saved_activations="off", saved_activations_target="off"),
@@ -48,16 +50,14 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 
 
 def train_variants(config, data, names: list[str], work_dir: Path) -> tuple[dict, dict]:
-    from ryzen_core.plugins import PluginHost
-    from ryzen_core.trainer import Trainer
+    from ryzen_core import PluginHost, Trainer
 
-    from ryzen_plugin_semantic_compression import plugin
-    from ryzen_plugin_semantic_compression.plugin import CompressionSettings
+    from ryzen_plugin_semantic_compression.plugin import CompressionPlugin, CompressionSettings
 
     models, summaries = {}, {}
     for name in names:
         host = PluginHost()
-        host.register(plugin, "compression")
+        host.register(CompressionPlugin, "compression")
         settings = VARIANTS[name]
         host.settings = {"compression": CompressionSettings(evaluate=False, **(settings or {}))}
         plugins = [] if settings is None else ["compression"]
@@ -80,16 +80,16 @@ def train_variants(config, data, names: list[str], work_dir: Path) -> tuple[dict
 
 def wide_ffn_model(vocab_size: int):
     """Random weights, wider feed-forward (d_ff = 4 d): decode speed does not depend on the weights' values."""
-    from ryzen_core.models import Transformer, TransformerConfig
+    from ryzen_core import Transformer, TransformerConfig
 
     torch.manual_seed(0)
     return Transformer(TransformerConfig(vocab_size=vocab_size, d_model=512, n_heads=8, n_layers=4, d_ff=2048,
                                          context_length=128)).eval()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("plugins/semantic_compression/bench_results"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "bench_results")
     parser.add_argument("--preset", default="simple")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
@@ -109,26 +109,19 @@ def main() -> None:
                              "empty: skip)")
     parser.add_argument("--embedding-epochs", type=int, default=10)
     parser.add_argument("--embedding-steps", type=int, default=80)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("ryzen_core.data", "ryzen_core.trainer", "httpx", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
 
-    from ryzen_core.config import load_config
-    from ryzen_core.models import TransformerConfig
-    from ryzen_core.run import load_data
+    from ryzen_core import load_config, load_data
 
-    from ryzen_plugin_semantic_compression.embedders import MINILM_MISSING, LMEmbedder, load_minilm, minilm_path
-    from ryzen_plugin_semantic_compression.evaluation import (evaluate_embedder, machine,
-                                                              matryoshka_embedding_comparison, mlp_decode_speed,
-                                                              perplexity_by_head_dims, perplexity_by_sparsity,
-                                                              sparse_decode_speed, training_step_memory,
-                                                              truncated_head_decode_speed)
-    from ryzen_plugin_semantic_compression.retrieval import STDLIB_CODE_HALVES, STDLIB_FUNCTIONS, load_retrieval_set
-    from ryzen_plugin_semantic_compression.embedding_training import native_bf16
-    from ryzen_plugin_semantic_compression.run_report import highest_level_within
-    from ryzen_plugin_semantic_compression.sparse import apply_topk, current_sparsity, topk_layers
+    from ryzen_plugin_semantic_compression.evaluation import machine, perplexity_by_head_dims
 
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -138,18 +131,33 @@ def main() -> None:
     data = load_data(config)
     results: dict[str, Any] = {"command": " ".join(["python", *sys.argv]), "machine": machine(),
                                "config": config.dump(), "skipped": {}}
-    divisors = [16, 8, 4, 2, 1]
-    batch = config.train.batch_size
 
     with tempfile.TemporaryDirectory(prefix="bench-compression-") as tmp:
         models, results["training"] = train_variants(config, data, args.variants.split(","), Path(tmp))
 
     # Matryoshka: LM head on hidden prefixes.
     results["perplexity_by_head_dims"] = {
-        name: perplexity_by_head_dims(models[name], data.test, divisors, batch, args.perplexity_batches)
+        name: perplexity_by_head_dims(models[name], data.test, DIVISORS, config.train.batch_size,
+                                      args.perplexity_batches)
         for name in ("plain", "matryoshka") if name in models}
+    measure_sparsity_and_decode(models, data, config.train.batch_size, args, results)
+    measure_retrieval(models, data, args, results)
+    measure_saved_activations(models, data, config, args, results)
+    results["wall_s"] = time.perf_counter() - started
 
-    # Sparse activations: post hoc on the plain model, and the model trained toward its target.
+    (args.out / "bench_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (args.out / "bench_results.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def measure_sparsity_and_decode(models: dict, data, batch: int, args, results: dict[str, Any]) -> None:
+    """Sparse activations post hoc on the plain model and on the model trained toward its target; batch-1
+    decode speed of top-k and of the truncated LM head."""
+    from ryzen_plugin_semantic_compression.evaluation import (mlp_decode_speed, perplexity_by_sparsity,
+                                                              sparse_decode_speed, truncated_head_decode_speed)
+    from ryzen_plugin_semantic_compression.run_report import highest_level_within
+    from ryzen_plugin_semantic_compression.sparse import apply_topk, current_sparsity, topk_layers
+
     levels = [0.25, 0.5, 0.625, 0.75, 0.875, 0.9375]
     sparse_names = [n for n in ("plain", "sparse-adaptive") if n in models]
     results["perplexity_by_sparsity"] = {
@@ -158,7 +166,6 @@ def main() -> None:
     prompt = data.test[:1, :32]
     decode: dict[str, Any] = {}
     threads, repeats, new_tokens = args.decode_threads, args.decode_repeats, args.decode_new_tokens
-    wide = wide_ffn_model(data.tokenizer.vocab_size)
     if "plain" in models:
         level = highest_level_within(results["perplexity_by_sparsity"]["plain"])
         if level is None:
@@ -171,6 +178,7 @@ def main() -> None:
                                                                    repeats=repeats, threads=threads)
     if "sparse-adaptive" in models:
         own = current_sparsity(models["sparse-adaptive"])
+        wide = wide_ffn_model(data.tokenizer.vocab_size)
         decode[f"sparse-adaptive model at its trained {own:g} vs dense"] = sparse_decode_speed(
             models["sparse-adaptive"], own, prompt, new_tokens, repeats, threads)
         decode[f"one FFN layer of it alone, top-k {own:g} vs dense"] = mlp_decode_speed(
@@ -186,7 +194,15 @@ def main() -> None:
             models["matryoshka"], quarter, prompt, new_tokens, repeats, threads)
     results["decode"] = decode
 
-    # Retrieval: quantized indexes and Matryoshka prefixes.
+
+def measure_retrieval(models: dict, data, args, results: dict[str, Any]) -> None:
+    """Quantized indexes and Matryoshka prefixes for MiniLM and the trained models; then MiniLM trained with
+    and without the nested contrastive loss."""
+    from ryzen_plugin_semantic_compression.embedders import MINILM_MISSING, LMEmbedder, load_minilm, minilm_path
+    from ryzen_plugin_semantic_compression.embedding_training import native_bf16
+    from ryzen_plugin_semantic_compression.evaluation import evaluate_embedder, matryoshka_embedding_comparison
+    from ryzen_plugin_semantic_compression.retrieval import STDLIB_CODE_HALVES, STDLIB_FUNCTIONS, load_retrieval_set
+
     results["retrieval"] = []
     functions = load_retrieval_set(STDLIB_FUNCTIONS, args.retrieval_pairs)
     halves = load_retrieval_set(STDLIB_CODE_HALVES, args.retrieval_pairs)
@@ -196,14 +212,13 @@ def main() -> None:
         results["skipped"]["minilm"] = MINILM_MISSING
         log.warning("skipping MiniLM: %s", MINILM_MISSING)
     else:
-        results["retrieval"].append(evaluate_embedder(load_minilm(), functions, divisors, 4))
+        results["retrieval"].append(evaluate_embedder(load_minilm(), functions, DIVISORS, 4))
     for name in ("plain", "matryoshka"):
         if name in models:
             for rset in (functions, halves):
                 embedder = LMEmbedder(models[name], data.tokenizer, name=f"{name} LM")
-                results["retrieval"].append(evaluate_embedder(embedder, rset, divisors, 4))
+                results["retrieval"].append(evaluate_embedder(embedder, rset, DIVISORS, 4))
 
-    # Matryoshka sentence embeddings: MiniLM trained with and without the nested contrastive loss.
     results["matryoshka_embeddings"] = {}
     methods = [m for m in args.embedding_methods.split(",") if m]
     if methods and minilm_path() is not None and not args.no_minilm:
@@ -214,34 +229,33 @@ def main() -> None:
             training = (dict(epochs=args.embedding_epochs, seed=0, max_tokens=128) if method == "adaptor" else
                         dict(steps=args.embedding_steps, seed=0, max_tokens=128, bf16=native_bf16()))
             results["matryoshka_embeddings"][method] = matryoshka_embedding_comparison(
-                load_minilm, functions, divisors, None, training, method=method,
+                load_minilm, functions, DIVISORS, None, training, method=method,
                 sweep=sweep if method == "adaptor" else ())
             log.info("Matryoshka embeddings (%s) done", method)
 
-    # Saved activations: peak training-step memory, and the validation loss each level trained to.
-    vocab = data.tokenizer.vocab_size
-    scaled = TransformerConfig.from_preset("scaled", vocab_size=vocab)
+
+def measure_saved_activations(models: dict, data, config, args, results: dict[str, Any]) -> None:
+    """Peak training-step memory per saved-activation level: the trained plain model, and the scaled preset."""
+    from ryzen_core import Transformer, TransformerConfig
+
+    from ryzen_plugin_semantic_compression.evaluation import training_step_memory
+
+    batch = config.train.batch_size
     memory = {}
     if "plain" in models:
         memory[f"{args.preset} (trained plain), batch {batch}x{config.data.seq_len}"] = training_step_memory(
             models["plain"], data.train[:batch], repeats=args.memory_repeats)
-    from ryzen_core.models import Transformer
-
     torch.manual_seed(0)
+    scaled = TransformerConfig.from_preset("scaled", vocab_size=data.tokenizer.vocab_size)
     rows = data.train[:args.memory_batch]
     shape = f"batch {args.memory_batch}x{config.data.seq_len}"
     memory[f"scaled (random init), {shape}"] = training_step_memory(Transformer(scaled), rows,
                                                                     repeats=args.memory_repeats)
     results["saved_activation_memory"] = memory
-    results["wall_s"] = time.perf_counter() - started
-
-    (args.out / "bench_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (args.out / "bench_results.md").write_text(markdown(results))
-    print(markdown(results))
 
 
 def markdown(results: dict[str, Any]) -> str:
-    from ryzen_core.report import markdown_table
+    from ryzen_core import markdown_table
 
     from ryzen_plugin_semantic_compression.tables import (decode_table, embedding_sweep_table, head_dims_table,
                                                           matryoshka_embedding_table, memory_table, retrieval_tables,

@@ -1,6 +1,7 @@
 """Ryzen compression plugin: smaller representations and activations, measured against quality.
 
-The hooks live in `plugin` (entry point `compression`); the techniques can also be used alone.
+The hooks are methods of `plugin.CompressionPlugin` (entry point `compression`), the commands live in
+`cli`; the techniques can also be used alone.
 Names load on first use, so importing the plugin (every `ryzen` start) does not import torch.
 """
 from importlib import import_module

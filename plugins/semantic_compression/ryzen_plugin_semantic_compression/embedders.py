@@ -45,7 +45,7 @@ class LMEmbedder:
 
     def __init__(self, model: torch.nn.Module, tokenizer, name: str = "lm", max_tokens: int | None = None,
                  batch_size: int = 16):
-        from ryzen_core.models.build import context_length
+        from ryzen_core import context_length
 
         self.model, self.tokenizer, self.name, self.batch_size = model, tokenizer, name, batch_size
         self.max_tokens = min(max_tokens or context_length(model), context_length(model))
@@ -54,7 +54,7 @@ class LMEmbedder:
         self.dim = int(probe.shape[-1])
 
     def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        from ryzen_core.models import last_hidden
+        from ryzen_core import last_hidden
 
         return last_hidden(self.model, ids)
 
@@ -192,44 +192,23 @@ def load_minilm(batch_size: int = 32) -> EncoderEmbedder:
     return EncoderEmbedder(path, name="all-MiniLM-L6-v2", batch_size=batch_size)
 
 
-def load_run_model(run_dir: str | Path, variant: str | None = None):
+def load_run_model(path: str | Path):
     """(model, tokenizer, label) of a model trained by `ryzen run` or `ryzen train`.
 
-    `run_dir` is the run directory (or one variant's directory inside it); the newest
-    checkpoint's weights are loaded (safetensors) into a model built from the run's config,
-    and the top-k sparsity recorded by this plugin is restored.
+    `path` is a run directory holding one model or one variant's directory (a `ryzen run`
+    directory holds several: the error names them). The model comes from the core's
+    `load_trained_model`; the top-k sparsity this plugin recorded next to it is restored.
     """
-    from ryzen_core.checkpoint import CONFIG_FILE, latest_checkpoint, load_weights
-    from ryzen_core.config import RunConfig
-    from ryzen_core.data import Tokenizer
-    from ryzen_core.models.build import build_model
+    from ryzen_core import load_trained_model, trained_model_dirs
 
-    run_dir = Path(run_dir)
-    root = run_dir if (run_dir / CONFIG_FILE).is_file() else run_dir.parent
-    if not (root / CONFIG_FILE).is_file():
-        raise ValueError(f"{run_dir} is not a Ryzen run directory (no {CONFIG_FILE})")
-    if variant is not None:
-        model_dir = root / variant
-    elif root != run_dir:
-        model_dir = run_dir
-    else:  # a `ryzen run` directory: prefer the optimized model, else the single `ryzen train` model
-        model_dir = next((root / v for v in ("optimized", "baseline") if (root / v).is_dir()), root)
-    config = RunConfig.model_validate(json.loads((root / CONFIG_FILE).read_text()))
-    tokenizer = Tokenizer.load(model_dir / "tokenizer")
-    if config.model.source == "hf" and (model_dir / "hf_model").is_dir():
-        from ryzen_core.models import load_hf_model
-
-        model = load_hf_model(model_dir / "hf_model")
-    else:
-        checkpoint = latest_checkpoint(model_dir)
-        if checkpoint is None:
-            raise ValueError(f"{model_dir} holds no training checkpoint")
-        model = build_model(config.model, tokenizer.vocab_size)
-        load_weights(model, checkpoint)
     from .sparse import restore_sparsity
 
+    path = Path(path)
+    model, tokenizer, _ = load_trained_model(path)  # refuses, with the choices, unless exactly one model
+    found = trained_model_dirs(path)
+    model_dir = found[0] if found else path
     restore_sparsity(model, model_dir)
-    return model.eval(), tokenizer, f"{root.name}/{model_dir.name}" if model_dir != root else root.name
+    return model.eval(), tokenizer, path.name if model_dir == path else f"{path.name}/{model_dir.name}"
 
 
 def load_embedder(spec: str, batch_size: int = 32) -> Embedder:

@@ -1,8 +1,8 @@
 """Measurements of each technique: compression against quality, on real text.
 
 Used by on_train_end (one trained model, plus the baseline of the same `ryzen run` when
-there is one) and by bench_compression.py (controlled pairs of models). Every speed and
-memory comparison is interleaved A B A B with ryzen_core.validator.paired_ratios.
+there is one) and by benchmarks/bench_compression.py (controlled pairs of models). Every speed and
+memory comparison is interleaved A B A B with ryzen_core.paired_ratios.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def machine() -> dict[str, Any]:
 def split_loss(model: torch.nn.Module, split: torch.Tensor, batch_size: int, max_batches: int,
               head_dims: int | None = None) -> float:
     """Mean next-token loss (nats) over the first batches of a packed split, optionally with a truncated head."""
-    from ryzen_core.models import lm_logits
+    from ryzen_core import lm_logits
 
     was_training = model.training
     model.eval()
@@ -112,8 +112,7 @@ def decode_comparison(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: 
 
     `setup_a` / `setup_b` switch the model into each configuration before each run.
     """
-    from ryzen_core.backends import TorchBackend
-    from ryzen_core.validator import paired_ratios, time_generation
+    from ryzen_core import TorchBackend, paired_ratios, time_generation
 
     backend = TorchBackend(model, "torch")
 
@@ -149,8 +148,7 @@ def sparse_decode_speed(model, sparsity: float, prompt, new_tokens: int, repeats
 def truncated_head_decode_speed(model, dims: int, prompt, new_tokens: int, repeats: int,
                                 threads: int | None = 1) -> dict[str, Any]:
     """Full LM head (A) against the head on the first `dims` hidden dimensions (B)."""
-    from ryzen_core.backends import TorchBackend
-    from ryzen_core.validator import paired_ratios, time_generation
+    from ryzen_core import TorchBackend, paired_ratios, time_generation
 
     backend = TorchBackend(model, "torch")
 
@@ -177,7 +175,7 @@ def mlp_decode_speed(layer, sparsity: float, calls: int = 200, repeats: int = 15
     interleaved A B A B. Without the rest of the model around it this isolates whether
     reading k rows instead of d_ff actually beats the dense matrix-vector product.
     """
-    from ryzen_core.validator import paired_ratios
+    from ryzen_core import paired_ratios
 
     own = layer.k
     x = torch.randn(1, 1, layer._down.out_features)  # the MLP maps d_model -> d_model
@@ -347,19 +345,9 @@ def matryoshka_embedding_comparison(load_base: Callable[[], Any], rset: Retrieva
             if variant == "nested" and save_nested_to is not None:
                 embedder.save(save_nested_to, {"training": plan.describe(), "pairs": len(pairs)})
                 out["nested"]["saved_to"] = str(save_nested_to)
-        out["sweep"] = []
-        for changes in sweep:
-            trained = {}
-            for variant, (plan_sizes, plan_weights) in plans.items():
-                plan = AdaptorTraining(sizes=plan_sizes, weights=plan_weights, **{**training, **changes})
-                adaptor = AdaptedEmbedder(base, train_adaptor(train_queries, train_documents, plan), base_spec)
-                trained[variant] = evaluate(variant, adaptor.adapt(eval_queries), adaptor.adapt(eval_documents))
-            out["sweep"].append({
-                "settings": {**training, **changes},
-                "ndcg@10": {v: {s: float_ndcg(r, s) for s in sizes} for v, r in trained.items()},
-                "margin_nested_minus_plain": {s: paired_bootstrap(trained["plain"]["ndcg_per_query"][s],
-                                                                  trained["nested"]["ndcg_per_query"][s])
-                                              for s in sizes}})
+        out["sweep"] = [adaptor_sweep_entry(base, base_spec, plans, {**training, **changes},
+                                            (train_queries, train_documents), (eval_queries, eval_documents),
+                                            sizes, evaluate) for changes in sweep]
     elif method == "full":
         del base
         for variant, (plan_sizes, plan_weights) in plans.items():
@@ -380,6 +368,23 @@ def matryoshka_embedding_comparison(load_base: Callable[[], Any], rset: Retrieva
     out["retention"] = {variant: {size: float_ndcg(out[variant], size) / float_ndcg(out[variant], width)
                                   for size in sizes} for variant in out["variants"]}
     return out
+
+
+def adaptor_sweep_entry(base, base_spec: str, plans: dict, settings: dict[str, Any], train: tuple, evaluation: tuple,
+                        sizes: Sequence[int], evaluate: Callable) -> dict[str, Any]:
+    """One adaptor setting of the sweep, trained nested and plain on the same embeddings: nDCG@10 and the margin."""
+    from .embedding_training import AdaptedEmbedder, AdaptorTraining, train_adaptor
+
+    trained = {}
+    for variant, (plan_sizes, plan_weights) in plans.items():
+        plan = AdaptorTraining(sizes=plan_sizes, weights=plan_weights, **settings)
+        adaptor = AdaptedEmbedder(base, train_adaptor(*train, plan), base_spec)
+        trained[variant] = evaluate(variant, *(adaptor.adapt(e) for e in evaluation))
+    return {"settings": settings,
+            "ndcg@10": {v: {s: float_ndcg(r, s) for s in sizes} for v, r in trained.items()},
+            "margin_nested_minus_plain": {s: paired_bootstrap(trained["plain"]["ndcg_per_query"][s],
+                                                              trained["nested"]["ndcg_per_query"][s])
+                                          for s in sizes}}
 
 
 def principal_axes(embeddings: np.ndarray) -> np.ndarray:
@@ -410,8 +415,7 @@ def training_step_memory(model: torch.nn.Module, batch: torch.Tensor, levels: Se
     interleaved with "off" (paired_ratios, lower is better) and, on a separate copy, the
     gradient of one batch under each level is compared with the exact one (cosine).
     """
-    from ryzen_core.forward import reference_forward
-    from ryzen_core.validator import paired_ratios
+    from ryzen_core import paired_ratios, reference_forward
 
     work = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(work.parameters(), lr=lr)
@@ -444,7 +448,7 @@ def training_step_memory(model: torch.nn.Module, batch: torch.Tensor, levels: Se
 
 def gradient_agreement(model, batch, levels: Sequence[str]) -> dict[str, float]:
     """Cosine similarity of the full gradient under each level with the exact gradient, same weights and batch."""
-    from ryzen_core.forward import reference_forward
+    from ryzen_core import reference_forward
 
     work = copy.deepcopy(model).train()
     forward = reference_forward(work)

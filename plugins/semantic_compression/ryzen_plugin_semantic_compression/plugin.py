@@ -1,32 +1,34 @@
-"""Hook implementations of the compression plugin (entry-point name `compression`).
+"""The compression plugin (entry-point name `compression`): one CompressionPlugin per variant.
 
 - on_model_load: top-k sparse feed-forward activations (TopKMLP) when a sparsity is asked for.
 - transform_forward: the Matryoshka nested loss, and compressed saved activations.
 - on_epoch_end: moves sparsity and the saved-activation level toward their targets while
   validation loss stays within tolerance; reverts and freezes a knob that broke it.
 - on_train_end: measures what each technique bought on this model (evaluation.py).
-- on_infer: decoding with the LM head on a truncated hidden state (`lm_head_dims`).
-- register_commands: `ryzen embed` and `ryzen search`.
+- on_infer: decoding, and the perplexity validation measures, with the LM head on a truncated hidden
+  state (`lm_head_dims`).
+- register_commands: `ryzen embed`, `ryzen search` and `ryzen embed-train` (cli.py).
 
+What on_epoch_end remembers between evaluations lives on the instance and is saved in every
+checkpoint (state_dict), so a resumed run judges the pending change as the uninterrupted one would.
 torch is imported inside the hooks: this module loads whenever `ryzen` starts.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from ryzen_core import hookimpl
+from ryzen_core import Adaptation, InferencePath, Plugin, PluginSettings, ReportSection, hookimpl
 
 Level = Literal["off", "bf16", "int8"]
 LEVEL_ORDER = ("off", "bf16", "int8")
 
 
-class CompressionSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+class CompressionSettings(PluginSettings):
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     # 1. Matryoshka representation learning
     matryoshka: bool = True
@@ -40,7 +42,8 @@ class CompressionSettings(BaseModel):
     """Estimate the prefix losses on every N-th position only: each costs a full logits matrix, and a
     stride of 4 cut that cost but raised validation loss (README)."""
     lm_head_dims: int | None = Field(None, gt=0)
-    """Decode (on_infer) with the LM head on only the first N hidden dimensions."""
+    """Decode (on_infer) with the LM head on only the first N hidden dimensions; validation measures
+    perplexity through that head too."""
 
     # 3. Sparse activations
     sparsity: float = Field(0.0, ge=0.0, lt=1.0)
@@ -137,69 +140,6 @@ class CompressionSettings(BaseModel):
         return self.sparsity > 0 or self.sparsity_target > 0
 
 
-def _settings(settings: CompressionSettings | None) -> CompressionSettings:
-    return settings if settings is not None else CompressionSettings()
-
-
-@hookimpl
-def ryzen_settings():
-    return CompressionSettings
-
-
-@hookimpl
-def on_model_load(model, settings, record):
-    settings = _settings(settings)
-    if not settings.uses_sparsity:
-        return
-    from .sparse import apply_topk
-
-    layers = apply_topk(model, settings.sparsity)
-    record("sparse_activations", layers=len(layers), width=layers[0].width, k=layers[0].k,
-           sparsity=settings.sparsity, target=settings.sparsity_target)
-
-
-@hookimpl
-def transform_forward(forward, model, settings, record):
-    settings = _settings(settings)
-    from .matryoshka import matryoshka_loss, nested_weights, output_head
-    from .saved_activations import compressed_saved_activations
-    from .sparse import apply_topk, topk_layers
-
-    if settings.uses_sparsity and topk_layers(model):
-        apply_topk(model, settings.sparsity)  # after a resume the restored setting is the current one
-    head = output_head(model) if settings.matryoshka else None
-    if head is not None:
-        sizes, weights = nested_weights(head.in_features, settings.matryoshka_divisors, settings.matryoshka_weights)
-        record("matryoshka", prefix_sizes=sizes, weights=weights, token_stride=settings.matryoshka_token_stride)
-    record("saved_activations", level=settings.saved_activations, target=settings.saved_activations_target)
-
-    def compressed_forward(input_ids, targets):
-        # The level is read per call, so on_epoch_end's changes apply from the next step on.
-        with compressed_saved_activations(settings.saved_activations, model):
-            out = forward(input_ids, targets)
-            if head is None:
-                return out
-            if out.hidden is None:
-                raise ValueError("the forward returned no hidden state for the Matryoshka loss")
-            return out.with_loss(matryoshka_loss(out.hidden, head, targets, out.loss, sizes, weights,
-                                                  settings.matryoshka_token_stride))
-
-    return compressed_forward
-
-
-# ----------------------------------------------------------------------------- adaptation
-
-
-@dataclass
-class Adaptation:
-    """What on_epoch_end remembers between evaluations of one training run."""
-
-    best_val: float = math.inf
-    pending: tuple[str, Any] | None = None
-    """(setting, value before the change) awaiting the next evaluation's verdict."""
-    frozen: set[str] = field(default_factory=set)
-
-
 def _evaluations_left(config, metrics: dict) -> bool | None:
     """Whether another evaluation follows this one (None when the budget is only time)."""
     train = config.train
@@ -216,88 +156,155 @@ def _next_level(current: str, target: str) -> str:
     return LEVEL_ORDER[i + (1 if j > i else -1)]
 
 
-def _apply(model, settings: CompressionSettings, name: str, value) -> None:
-    setattr(settings, name, value)
+def _follow(model, name: str, value) -> None:
+    """Make the model match a knob's new value; the setting itself changes through the host (Adaptation)."""
     if name == "sparsity":
         from .sparse import apply_topk
 
         apply_topk(model, value)
 
 
-@hookimpl
-def on_epoch_end(epoch, metrics, model, config, settings, record):
-    """One change per evaluation, judged at the next: kept if validation loss stays within
-    tolerance of the best so far, else reverted and that knob frozen for the rest of the run."""
-    settings = _settings(settings)
-    state: Adaptation = model.__dict__.setdefault("_compression_adaptation", Adaptation())
-    val = float(metrics["val_loss"])
-    limit = state.best_val * (1.0 + settings.val_loss_tolerance)
-    changes: dict[str, Any] = {}
-    if state.pending is not None:
-        name, previous = state.pending
-        state.pending = None
-        if val > limit:
-            new_value = getattr(settings, name)
-            _apply(model, settings, name, previous)
-            state.frozen.add(name)
-            changes[name] = previous
-            record("reverted", epoch=epoch, setting=name, tried=new_value, back_to=previous, val_loss=val,
-                   limit=limit, reason="validation loss above tolerance")
-            return changes
-    state.best_val = min(state.best_val, val)
-    if _evaluations_left(config, metrics) is False:
-        return None  # a change now would never be validated
-    name, value = None, None
-    if "sparsity" not in state.frozen and settings.sparsity < settings.sparsity_target:
-        name, value = "sparsity", min(settings.sparsity_target, round(settings.sparsity + settings.sparsity_step, 6))
-    elif "saved_activations" not in state.frozen and settings.saved_activations != settings.saved_activations_target:
-        name, value = "saved_activations", _next_level(settings.saved_activations, settings.saved_activations_target)
-    if name is None:
-        return None
-    previous = getattr(settings, name)
-    _apply(model, settings, name, value)
-    state.pending = (name, previous)
-    record("adapting", epoch=epoch, setting=name, previous=previous, value=value, val_loss=val,
-           best_val_loss=state.best_val, tolerance=settings.val_loss_tolerance)
-    return {name: value}
+class CompressionPlugin(Plugin):
+    """The compression techniques for one variant, and the adaptation state of its training run."""
 
+    Settings = CompressionSettings
 
-# ----------------------------------------------------------------------------- inference and the report
+    def __init__(self, settings: CompressionSettings | None = None, context=None):
+        super().__init__(settings, context)
+        self.best_val = math.inf
+        self.pending: tuple[str, Any] | None = None
+        """(setting, value before the change) awaiting the next evaluation's verdict."""
+        self.frozen: set[str] = set()
+        """Knobs reverted once: left alone for the rest of the run."""
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_val": None if math.isinf(self.best_val) else self.best_val,
+                "pending": list(self.pending) if self.pending is not None else None, "frozen": sorted(self.frozen)}
 
-@hookimpl
-def on_infer(generate, model, settings, record):
-    settings = _settings(settings)
-    if settings.lm_head_dims is None:
-        return None
-    from .matryoshka import truncated_head
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_val = math.inf if state.get("best_val") is None else float(state["best_val"])
+        self.pending = tuple(state["pending"]) if state.get("pending") else None
+        self.frozen = set(state.get("frozen") or ())
 
-    dims = settings.lm_head_dims
-    record("truncated_head_decode", dims=dims)
+    @hookimpl
+    def on_model_load(self, model, record):
+        settings = self.settings
+        if not settings.uses_sparsity:
+            return
+        from .sparse import apply_topk
 
-    def generate_truncated(input_ids, max_new_tokens, **sampling):
-        with truncated_head(model, dims):
-            return generate(input_ids, max_new_tokens, **sampling)
+        layers = apply_topk(model, settings.sparsity)
+        record("sparse_activations", layers=len(layers), width=layers[0].width, k=layers[0].k,
+               sparsity=settings.sparsity, target=settings.sparsity_target)
 
-    return generate_truncated
+    @hookimpl
+    def transform_forward(self, forward, model, record):
+        from .matryoshka import matryoshka_loss, nested_weights, output_head
+        from .saved_activations import compressed_saved_activations
+        from .sparse import apply_topk, topk_layers
 
+        settings = self.settings
+        if settings.uses_sparsity and topk_layers(model):
+            apply_topk(model, settings.sparsity)  # after a resume the restored setting is the current one
+        head = output_head(model) if settings.matryoshka else None
+        if head is not None:
+            sizes, weights = nested_weights(head.in_features, settings.matryoshka_divisors,
+                                            settings.matryoshka_weights)
+            record("matryoshka", prefix_sizes=sizes, weights=weights, token_stride=settings.matryoshka_token_stride)
+        record("saved_activations", level=settings.saved_activations, target=settings.saved_activations_target)
 
-@hookimpl
-def on_train_end(model, metrics, run_dir, config, settings, record):
-    from .sparse import save_sparsity
+        def compressed_forward(input_ids, targets):
+            # Settings are read per call (the host replaces them on an Adaptation): changes apply from the next step.
+            with compressed_saved_activations(self.settings.saved_activations, model):
+                out = forward(input_ids, targets)
+                if head is None:
+                    return out
+                if out.hidden is None:
+                    raise ValueError("the forward returned no hidden state for the Matryoshka loss")
+                return out.with_loss(matryoshka_loss(out.hidden, head, targets, out.loss, sizes, weights,
+                                                      self.settings.matryoshka_token_stride))
 
-    settings = _settings(settings)
-    save_sparsity(model, run_dir)
-    if not settings.evaluate:
-        return
-    from .run_report import evaluate_run
+        return compressed_forward
 
-    evaluate_run(model, run_dir, config, settings, record)
-    return {"report_markdown": (Path(run_dir) / "compression_report.md").read_text()}
+    @hookimpl
+    def on_epoch_end(self, epoch, metrics, model, config, record):
+        """One change per evaluation, judged at the next: kept if validation loss stays within
+        tolerance of the best so far, else reverted and that knob frozen for the rest of the run."""
+        settings = self.settings
+        val = float(metrics["val_loss"])
+        limit = self.best_val * (1.0 + settings.val_loss_tolerance)
+        if self.pending is not None:
+            name, previous = self.pending
+            self.pending = None
+            if val > limit:
+                _follow(model, name, previous)
+                self.frozen.add(name)
+                record("reverted", epoch=epoch, setting=name, tried=getattr(settings, name), back_to=previous,
+                       val_loss=val, limit=limit, reason="validation loss above tolerance")
+                return Adaptation({name: previous}, reason="validation loss above tolerance")
+        self.best_val = min(self.best_val, val)
+        if _evaluations_left(config, metrics) is False:
+            return None  # a change now would never be validated
+        name, value = self._next_change()
+        if name is None:
+            return None
+        previous = getattr(settings, name)
+        _follow(model, name, value)
+        self.pending = (name, previous)
+        record("adapting", epoch=epoch, setting=name, previous=previous, value=value, val_loss=val,
+               best_val_loss=self.best_val, tolerance=settings.val_loss_tolerance)
+        return Adaptation({name: value})
 
+    def _next_change(self) -> tuple[str | None, Any]:
+        """(setting, value) of the next step toward the targets: sparsity first, then the saved-activation level."""
+        s = self.settings
+        if "sparsity" not in self.frozen and s.sparsity < s.sparsity_target:
+            return "sparsity", min(s.sparsity_target, round(s.sparsity + s.sparsity_step, 6))
+        if "saved_activations" not in self.frozen and s.saved_activations != s.saved_activations_target:
+            return "saved_activations", _next_level(s.saved_activations, s.saved_activations_target)
+        return None, None
 
-@hookimpl
-def register_commands(cli):
-    from .commands import add_commands
+    # ------------------------------------------------------------------------- inference and the report
 
-    add_commands(cli)
+    @hookimpl
+    def on_infer(self, generate, model, record):
+        dims = self.settings.lm_head_dims
+        if dims is None:
+            return None
+        from ryzen_core import lm_logits
+
+        from .matryoshka import truncated_head
+
+        record("truncated_head_decode", dims=dims)
+
+        def generate_truncated(input_ids, max_new_tokens, **sampling):
+            with truncated_head(model, dims):
+                return generate(input_ids, max_new_tokens, **sampling)
+
+        def truncated_logits(input_ids):  # perplexity measured on the head that generates
+            with truncated_head(model, dims):
+                return lm_logits(model.eval(), input_ids).float()
+
+        return InferencePath(generate_truncated, logits=truncated_logits)
+
+    @hookimpl
+    def on_train_end(self, model, run_dir, config, record):
+        from .sparse import save_sparsity
+
+        save_sparsity(model, Path(run_dir))
+        if not self.settings.evaluate:
+            return None
+        from .run_report import evaluate_run, live_baseline
+
+        context = self.context
+        report = evaluate_run(model, Path(run_dir), config, self.settings, record, context.data,
+                              baseline=live_baseline(context.baseline), name=context.variant)
+        return ReportSection(report.read_text(), files={"report": report,
+                                                        "analysis": report.with_name("compression_analysis.json")})
+
+    @hookimpl
+    def register_commands(self, cli):
+        from .cli import embed, embed_train, search
+
+        for command in (embed, search, embed_train):
+            cli.add_command(command)

@@ -80,7 +80,7 @@ def _functions(path_id: str, source: str) -> list[tuple[str, str | None, str]]:
 @functools.lru_cache(maxsize=4)
 def _stdlib_functions(splits: tuple[str, ...]) -> list[tuple[str, str | None, str]]:
     """Every function of the stdlib files in `splits` (cached: reading and parsing the stdlib takes seconds)."""
-    from ryzen_core.data import load_documents, split_documents
+    from ryzen_core import load_documents, split_documents
 
     parts = split_documents(load_documents("stdlib"))
     chosen = [doc for name, docs in parts.items() if name in splits for doc in docs]

@@ -1,18 +1,21 @@
 """on_train_end: measure every technique on the model a run just trained, and report it.
 
-Writes compression_analysis.json and compression_report.md into the variant's run
-directory and records the figures as events (they land in optimization_analysis.json).
-Inside `ryzen run` the baseline of the same run (trained without this plugin) is loaded
-from its checkpoint and measured beside the optimized model, so each table compares
-a model trained with the techniques against the same model trained without them.
+Writes compression_analysis.json and compression_report.md into the variant's directory and
+records the figures as events (they land in optimization_analysis.json). Inside `ryzen run`
+the run's baseline (trained without this plugin, handed over live as `context.baseline`) is
+measured beside this variant's model, so each table compares a model trained with the
+techniques against the same model trained without them.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from ryzen_core import context_length
 
 from .embedders import MINILM, MINILM_MISSING, EncoderEmbedder, LMEmbedder, load_minilm, minilm_path
 from .evaluation import (evaluate_embedder, float_ndcg, machine, matryoshka_embedding_comparison, mlp_decode_speed,
@@ -27,21 +30,14 @@ from .tables import (decode_table, head_dims_table, matryoshka_embedding_table, 
 
 log = logging.getLogger(__name__)
 PERPLEXITY_TOLERANCE = 0.05  # "within 5%" of the dense model
+REFERENCE = "baseline"  # what the baseline is called in the tables
 
 
-def baseline_model(run_dir: Path):
-    """The model `ryzen run` trained without plugins next to this one, or None."""
-    from .embedders import load_run_model
-
-    sibling = Path(run_dir).parent / "baseline"
-    if Path(run_dir).name == "baseline" or not (sibling / "training_checkpoint").is_dir():
+def live_baseline(handle):
+    """A copy of the run's live baseline model (measuring swaps its MLPs for top-k ones), or None."""
+    if handle is None or handle.model is None:
         return None
-    try:
-        model, _, _ = load_run_model(Path(run_dir).parent, "baseline")
-    except Exception as exc:  # a comparison we cannot make is reported, not fatal
-        log.warning("compression: baseline model not loaded (%s)", exc)
-        return None
-    return model
+    return copy.deepcopy(handle.model)
 
 
 def highest_level_within(ppl: dict[float, float], tolerance: float = PERPLEXITY_TOLERANCE) -> float | None:
@@ -50,115 +46,140 @@ def highest_level_within(ppl: dict[float, float], tolerance: float = PERPLEXITY_
     return max(ok) if ok else None
 
 
-def evaluate_run(model, run_dir, config, settings, record) -> dict[str, Any]:
-    from ryzen_core.run import load_data
+class Measurement:
+    """What one on_train_end measures: the models, the data, the settings, and the results so far."""
 
-    run_dir = Path(run_dir)
-    data = load_data(config)
-    models = {"optimized": model}
-    reference = baseline_model(run_dir)
-    if reference is not None:
-        models["baseline"] = reference
-    batch_size = config.train.batch_size
-    batches = settings.perplexity_batches or config.validate_.perplexity_batches
-    results: dict[str, Any] = {"machine": machine(), "models": list(models), "skipped": {}, "section_s": {}}
-    clock = [time.perf_counter()]
+    def __init__(self, model, name: str, baseline, config, settings, record: Callable, data):
+        self.model, self.name, self.settings, self.record, self.data = model, name, settings, record, data
+        self.models = {name: model, **({REFERENCE: baseline} if baseline is not None else {})}
+        self.batch_size = config.train.batch_size
+        self.batches = settings.perplexity_batches or config.validate_.perplexity_batches
+        self.seed = config.train.seed
+        self.results: dict[str, Any] = {"machine": machine(), "models": list(self.models), "skipped": {},
+                                        "section_s": {}}
+        self._clock = time.perf_counter()
 
-    def done(section: str) -> None:
+    def done(self, section: str) -> None:
         now = time.perf_counter()
-        results["section_s"][section] = now - clock[0]
-        log.info("compression: %s measured in %.1f s", section, now - clock[0])
-        clock[0] = now
+        self.results["section_s"][section] = now - self._clock
+        log.info("compression: %s measured in %.1f s", section, now - self._clock)
+        self._clock = now
 
-    # 1. Matryoshka: the LM head on hidden-state prefixes.
-    results["perplexity_by_head_dims"] = {name: perplexity_by_head_dims(m, data.test, settings.matryoshka_divisors,
-                                                                        batch_size, batches)
-                                          for name, m in models.items()}
-    record("matryoshka_head_perplexity", **{n: {str(k): v for k, v in p.items()}
-                                             for n, p in results["perplexity_by_head_dims"].items()})
-    done("Matryoshka head perplexity")
 
-    # 3. Sparse activations: perplexity at several sparsities, and decode speed where it stays within 5%.
+def evaluate_run(model, run_dir: Path, config, settings, record, data, baseline=None,
+                 name: str = "optimized") -> Path:
+    """Measure every technique on `model` (called `name`) and on `baseline` if given; returns the report's path."""
+    run_dir = Path(run_dir)
+    m = Measurement(model, name, baseline, config, settings, record, data)
+    measure_head_dims(m)
+    measure_sparsity(m)
+    measure_retrieval(m)
+    measure_embedding_training(m, run_dir / "matryoshka-embedder")
+    measure_saved_activations(m)
+    (run_dir / "compression_analysis.json").write_text(json.dumps(m.results, indent=2, default=str) + "\n")
+    report = run_dir / "compression_report.md"
+    report.write_text(markdown(m.results))
+    return report
+
+
+def measure_head_dims(m: Measurement) -> None:
+    """1. Matryoshka: the LM head on hidden-state prefixes."""
+    m.results["perplexity_by_head_dims"] = {
+        name: perplexity_by_head_dims(model, m.data.test, m.settings.matryoshka_divisors, m.batch_size, m.batches)
+        for name, model in m.models.items()}
+    m.record("matryoshka_head_perplexity", **{n: {str(k): v for k, v in p.items()}
+                                               for n, p in m.results["perplexity_by_head_dims"].items()})
+    m.done("Matryoshka head perplexity")
+
+
+def measure_sparsity(m: Measurement) -> None:
+    """3. Sparse activations: perplexity at several sparsities, and decode speed where it stays within 5%."""
+    settings, model = m.settings, m.model
     own = current_sparsity(model)
     levels = sorted({*settings.sparsity_levels, *([own] if own > 0 else [])})
-    results["perplexity_by_sparsity"] = {name: perplexity_by_sparsity(m, data.test, levels, batch_size, batches)
-                                         for name, m in models.items()}
-    record("sparsity_perplexity", **{n: {str(k): v for k, v in p.items()}
-                                      for n, p in results["perplexity_by_sparsity"].items()})
-    decode_level = own if own > 0 else highest_level_within(results["perplexity_by_sparsity"]["optimized"])
-    prompt = data.test[:1, : min(32, data.test.shape[1] - 1)]
-    new_tokens = min(settings.decode_new_tokens, _context(model) - prompt.shape[1])
+    by_sparsity = {name: perplexity_by_sparsity(mod, m.data.test, levels, m.batch_size, m.batches)
+                   for name, mod in m.models.items()}
+    m.results["perplexity_by_sparsity"] = by_sparsity
+    m.record("sparsity_perplexity", **{n: {str(k): v for k, v in p.items()} for n, p in by_sparsity.items()})
+    decode_level = own if own > 0 else highest_level_within(by_sparsity[m.name])
+    prompt = m.data.test[:1, : min(32, m.data.test.shape[1] - 1)]
+    new_tokens = min(settings.decode_new_tokens, context_length(model) - prompt.shape[1])
     decode: dict[str, Any] = {}
     if decode_level is None:
-        results["skipped"]["sparse_decode"] = (f"no sparsity level keeps test perplexity within "
-                                               f"{PERPLEXITY_TOLERANCE:.0%} of dense for this model")
+        m.results["skipped"]["sparse_decode"] = (f"no sparsity level keeps test perplexity within "
+                                                 f"{PERPLEXITY_TOLERANCE:.0%} of dense for this model")
     else:
         decode[f"whole model, top-k {decode_level:g} vs dense FFN"] = sparse_decode_speed(
             model, decode_level, prompt, new_tokens, settings.decode_repeats, settings.decode_threads)
         layer = apply_topk(model, current_sparsity(model))[0]
         decode[f"one FFN layer alone, top-k {decode_level:g} vs dense"] = mlp_decode_speed(
             layer, decode_level, repeats=max(settings.decode_repeats, 5), threads=settings.decode_threads)
-        for name in list(decode):
-            record("sparse_decode", comparison=name, **_compact(decode[name]))
+        for comparison in list(decode):
+            m.record("sparse_decode", comparison=comparison, **_compact(decode[comparison]))
     quarter = output_head(model).in_features // 4
     decode["LM head on d/4 vs full"] = truncated_head_decode_speed(model, quarter, prompt, new_tokens,
                                                                    settings.decode_repeats, settings.decode_threads)
-    record("truncated_head_decode", **_compact(decode["LM head on d/4 vs full"]))
-    results["decode"] = decode
-    done("sparsity perplexity and decode speed")
+    m.record("truncated_head_decode", **_compact(decode["LM head on d/4 vs full"]))
+    m.results["decode"] = decode
+    m.done("sparsity perplexity and decode speed")
 
-    # 2. Embedding quantization and Matryoshka prefixes on real retrieval sets.
-    results["retrieval"] = []
+
+def measure_retrieval(m: Measurement) -> None:
+    """2. Embedding quantization and Matryoshka prefixes on real retrieval sets."""
+    settings = m.settings
+    m.results["retrieval"] = []
     for source in settings.retrieval_sources:
         rset = load_retrieval_set(source, settings.retrieval_pairs)
-        for name, m in models.items():
-            result = evaluate_embedder(LMEmbedder(m, data.tokenizer, name=f"{name} LM"), rset,
+        for name, model in m.models.items():
+            result = evaluate_embedder(LMEmbedder(model, m.data.tokenizer, name=f"{name} LM"), rset,
                                        settings.matryoshka_divisors, settings.rescore_multiplier)
-            results["retrieval"].append(result)
-            record("retrieval", **_retrieval_summary(result))
+            m.results["retrieval"].append(result)
+            m.record("retrieval", **_retrieval_summary(result))
     if settings.minilm:
         if minilm_path() is None:
-            results["skipped"]["minilm"] = MINILM_MISSING
-            record("skipped", what="minilm", reason=MINILM_MISSING)
+            m.results["skipped"]["minilm"] = MINILM_MISSING
+            m.record("skipped", what="minilm", reason=MINILM_MISSING)
         else:
             rset = load_retrieval_set(settings.retrieval_sources[0], settings.retrieval_pairs)
             result = evaluate_embedder(load_minilm(), rset, settings.matryoshka_divisors, settings.rescore_multiplier)
-            results["retrieval"].append(result)
-            record("retrieval", **_retrieval_summary(result))
-    done("retrieval")
+            m.results["retrieval"].append(result)
+            m.record("retrieval", **_retrieval_summary(result))
+    m.done("retrieval")
 
-    # 1b. Matryoshka for sentence embeddings: a pretrained encoder trained with and without the nested loss.
+
+def measure_embedding_training(m: Measurement, save_nested_to: Path) -> None:
+    """1b. Matryoshka for sentence embeddings: a pretrained encoder trained with and without the nested loss."""
+    settings = m.settings
     wants_minilm = settings.embedding_model == MINILM
-    if settings.embedding_training != "off" and (settings.minilm or not wants_minilm):
-        if wants_minilm and minilm_path() is None:
-            results["skipped"]["matryoshka_embeddings"] = MINILM_MISSING
-        else:
-            rset = load_retrieval_set(settings.retrieval_sources[0], settings.retrieval_pairs)
-            comparison = matryoshka_embedding_comparison(
-                load_minilm if wants_minilm else lambda: EncoderEmbedder(settings.embedding_model),
-                rset, settings.matryoshka_divisors, settings.matryoshka_weights,
-                training=embedding_training_arguments(settings, config.train.seed),
-                method=settings.embedding_training, base_spec=settings.embedding_model,
-                rescore_multiplier=settings.rescore_multiplier, save_nested_to=run_dir / "matryoshka-embedder",
-                progress=_embedding_progress(settings.embedding_steps))
-            results["matryoshka_embeddings"] = comparison
-            record("matryoshka_embeddings", **matryoshka_embedding_summary(comparison))
-            done("Matryoshka embedding training")
+    if settings.embedding_training == "off" or (wants_minilm and not settings.minilm):
+        return
+    if wants_minilm and minilm_path() is None:
+        m.results["skipped"]["matryoshka_embeddings"] = MINILM_MISSING
+        return
+    rset = load_retrieval_set(settings.retrieval_sources[0], settings.retrieval_pairs)
+    comparison = matryoshka_embedding_comparison(
+        load_minilm if wants_minilm else lambda: EncoderEmbedder(settings.embedding_model),
+        rset, settings.matryoshka_divisors, settings.matryoshka_weights,
+        training=embedding_training_arguments(settings, m.seed),
+        method=settings.embedding_training, base_spec=settings.embedding_model,
+        rescore_multiplier=settings.rescore_multiplier, save_nested_to=save_nested_to,
+        progress=_embedding_progress(settings.embedding_steps))
+    m.results["matryoshka_embeddings"] = comparison
+    m.record("matryoshka_embeddings", **matryoshka_embedding_summary(comparison))
+    m.done("Matryoshka embedding training")
 
-    # 4. Compressed saved activations: peak memory of a training step.
-    memory_batch = data.train[: settings.memory_batch_size or batch_size]
-    results["saved_activation_memory"] = {
-        f"optimized, batch {tuple(memory_batch[:, :-1].shape)}": training_step_memory(model, memory_batch,
-                                                                                   repeats=settings.memory_repeats)}
-    for name, m in results["saved_activation_memory"].items():
-        record("saved_activation_memory", model=name, static_bytes=m["static_bytes"],
-               **{level: {"peak_bytes": r["peak_bytes"], "reduction": r.get("reduction")}
-                  for level, r in m["levels"].items()}, gradient_cosine=m["gradient_cosine"])
-    done("saved-activation memory")
 
-    (run_dir / "compression_analysis.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (run_dir / "compression_report.md").write_text(markdown(results))
-    return results
+def measure_saved_activations(m: Measurement) -> None:
+    """4. Compressed saved activations: peak memory of a training step."""
+    batch = m.data.train[: m.settings.memory_batch_size or m.batch_size]
+    memory = {f"{m.name}, batch {tuple(batch[:, :-1].shape)}": training_step_memory(
+        m.model, batch, repeats=m.settings.memory_repeats)}
+    m.results["saved_activation_memory"] = memory
+    for name, result in memory.items():
+        m.record("saved_activation_memory", model=name, static_bytes=result["static_bytes"],
+                 **{level: {"peak_bytes": r["peak_bytes"], "reduction": r.get("reduction")}
+                    for level, r in result["levels"].items()}, gradient_cosine=result["gradient_cosine"])
+    m.done("saved-activation memory")
 
 
 def embedding_training_arguments(settings, seed: int) -> dict[str, Any]:
@@ -207,12 +228,6 @@ def matryoshka_embedding_summary(comparison: dict[str, Any]) -> dict[str, Any]:
             "training": {v: comparison[v]["training"] for v in ("nested", "plain")}}
 
 
-def _context(model) -> int:
-    from ryzen_core.models.build import context_length
-
-    return context_length(model)
-
-
 def _compact(comparison: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in comparison.items() if k not in ("ratios", "values_a", "values_b")}
 
@@ -232,7 +247,7 @@ def markdown(results: dict[str, Any]) -> str:
               head_dims_table(results["perplexity_by_head_dims"]), "",
               "## Sparse feed-forward activations", "",
               sparsity_table(results["perplexity_by_sparsity"],
-                             "baseline" if "baseline" in results["perplexity_by_sparsity"] else None), "",
+                             REFERENCE if REFERENCE in results["perplexity_by_sparsity"] else None), "",
               decode_table(results["decode"]), "",
               "## Embedding quantization and Matryoshka prefixes", ""]
     for result in results["retrieval"]:

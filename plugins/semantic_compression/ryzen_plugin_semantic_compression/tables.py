@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from ryzen_core.measure import format_ratio
-from ryzen_core.report import markdown_table
+from ryzen_core import format_ratio, markdown_table
 
 MIB = 1024 * 1024
 

@@ -16,6 +16,7 @@ from ryzen_plugin_semantic_compression.embedding_training import (AdaptedEmbedde
 from ryzen_plugin_semantic_compression.evaluation import matryoshka_embedding_comparison, paired_bootstrap
 from ryzen_plugin_semantic_compression.retrieval import RetrievalSet
 
+
 def test_nested_contrastive_loss_is_the_weighted_mean_of_prefix_losses():
     torch.manual_seed(0)
     q, d = torch.randn(6, 16), torch.randn(6, 16)
@@ -132,12 +133,12 @@ def test_adapted_embedder_saves_and_loads(encoder_dir, tmp_path, word_pairs):
                                atol=1e-5)
 
 
-def test_embed_train_command(ryzen, encoder_dir, tmp_path, word_pairs):
+def test_embed_train_command(ryzen_cli, encoder_dir, tmp_path, word_pairs):
     pairs_file = tmp_path / "pairs.jsonl"
     pairs_file.write_text("".join(json.dumps({"query": q, "document": d}) + "\n" for q, d in word_pairs))
     for method, extra in (("adaptor", ["--epochs", "2"]), ("full", ["--steps", "3", "--no-bf16"])):
         out = tmp_path / method
-        result = ryzen("embed-train", str(pairs_file), "--model", str(encoder_dir), "--out", str(out), "--method",
+        result = ryzen_cli("embed-train", str(pairs_file), "--model", str(encoder_dir), "--out", str(out), "--method",
                        method, "--batch-size", "8", "--divisors", "4,1", *extra)
         assert result.returncode == 0, result.stderr[-2000:]
         info = json.loads((out / ("adaptor.json" if method == "adaptor" else "ryzen_embedding_training.json"))
@@ -150,7 +151,7 @@ def test_embed_train_command(ryzen, encoder_dir, tmp_path, word_pairs):
 
     for bad, message in ((["--divisors", "4,x"], "comma-separated"), (["--divisors", "0"], "divisors must be"),
                          ([], "fewer than one batch of 128")):
-        result = ryzen("embed-train", str(pairs_file), "--model", str(encoder_dir), "--out", str(tmp_path / "x"), *bad)
+        result = ryzen_cli("embed-train", str(pairs_file), "--model", str(encoder_dir), "--out", str(tmp_path / "x"), *bad)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-    result = ryzen("embed-train", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x"))
+    result = ryzen_cli("embed-train", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "neither stdlib-functions nor a .jsonl file" in result.stderr

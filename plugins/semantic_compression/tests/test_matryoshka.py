@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ryzen_core.models import Transformer, TransformerConfig, generate
+from ryzen_core import Transformer, TransformerConfig, generate
 from ryzen_plugin_semantic_compression.matryoshka import (matryoshka_loss, output_head, prefix_sizes,
                                                           truncated_head, truncated_logits)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ryzen_core.models import Transformer, TransformerConfig
+from ryzen_core import Transformer, TransformerConfig
 from ryzen_plugin_semantic_compression.evaluation import training_step_memory
 from ryzen_plugin_semantic_compression.saved_activations import (ActivationCompressor, PeakTensorBytes,
                                                                  _dequantize_rows, _quantize_rows,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ryzen_core.models import Transformer, TransformerConfig, generate, generate_no_cache
+from ryzen_core import Transformer, TransformerConfig, generate, generate_no_cache
 from ryzen_plugin_semantic_compression.sparse import (TopKMLP, apply_topk, current_sparsity, k_for_sparsity,
                                                       keep_top_k, restore_sparsity, save_sparsity, topk_layers)
 
@@ -108,7 +108,7 @@ def test_sparsity_is_saved_and_restored(tmp_path):
 
 
 def test_gated_hf_mlp_is_supported():
-    from ryzen_core.models import hf_model_from_config, tiny_llama_config
+    from ryzen_core import hf_model_from_config, tiny_llama_config
 
     torch.manual_seed(0)
     model = hf_model_from_config(tiny_llama_config(vocab_size=64, hidden=32, intermediate=64)).eval()
