@@ -28,7 +28,6 @@ def offences_in(tmp_path, source: str) -> list[str]:
     return [module for _, _, module in contract_offences(path, SUBMODULES, PUBLIC)]
 
 
-@pytest.mark.xfail(strict=False, reason="plugins are being migrated to the public API (issue 13)")
 def test_plugins_and_the_example_import_only_the_public_api():
     sources = plugin_sources()
     assert len(sources) > 20  # the walk found the plugins, their tests and the example

@@ -40,8 +40,6 @@ def write_package(root, files: dict[str, str]):
     return root / next(iter(files)).split("/")[0]
 
 
-@pytest.mark.xfail(strict=False, reason="import cycles in ryzen_core and plugins, listed in the failure; "
-                                        "the core owner is removing them (issue 13)")
 def test_no_package_of_the_repository_has_an_import_cycle():
     found = packages()
     assert REPO / "ryzen_core" in found and len(found) >= 7  # the core, five plugins, the example

@@ -62,7 +62,6 @@ def state_offences(source: str) -> list[tuple[int, str]]:
     return sorted(set(offences))
 
 
-@pytest.mark.xfail(strict=False, reason="plugins are being migrated to the per-variant instance (issue 13)")
 def test_no_bundled_plugin_keeps_module_level_state_or_sticks_attributes_on_models():
     found = [f"{path.relative_to(REPO)}:{line}: {what}" for path in package_files()
              for line, what in state_offences(path.read_text())]

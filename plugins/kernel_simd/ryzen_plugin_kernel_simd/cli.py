@@ -50,10 +50,9 @@ def tune(host, config, retune, as_json):
     from ryzen_core import build_model, load_data
 
     from .decision import decide
-    from .plugin import KernelSettings
     from .report import decision_markdown
 
-    settings = host.settings.get("kernel") or KernelSettings()
+    settings = host.settings["kernel"]  # with_run_config("kernel") resolved them, defaults included
     if retune:
         settings = settings.model_copy(update={"retune": True})
     data = load_data(config)
