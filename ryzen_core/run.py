@@ -55,7 +55,34 @@ def _init_distributed() -> None:
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        _exit_with_launcher()
         dist.init_process_group("gloo")
+        _log_from_rank_zero(dist.get_rank())
+
+
+def _exit_with_launcher() -> None:
+    """A worker of `ryzen train --nproc` ends when its launcher dies, even by SIGKILL (Linux's parent-death
+    signal), instead of training on and writing into the run directory unsupervised."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return
+    except (OSError, AttributeError):  # not Linux: nothing to set
+        return
+    if os.getppid() == 1:  # the launcher died before the signal was armed
+        os._exit(1)
+
+
+def _log_from_rank_zero(rank: int) -> None:
+    """Every rank runs the same code, so only rank 0 logs; other ranks keep their warnings, prefixed."""
+    if rank == 0:
+        return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(name)s: %(message)s", "%H:%M:%S"))
 
 
 def launch_distributed(nproc: int, config: RunConfig, argv: list[str]) -> int:

@@ -262,14 +262,16 @@ class Trainer:
     def batch_losses(self, split: torch.Tensor | None = None, max_batches: int | None = None,
                      desc: str | None = None) -> list[tuple[float, int]]:
         """(mean loss, rows) of each of the first batches of a split: the same batches for every variant,
-        so two models' losses pair batch by batch."""
+        so two models' losses pair batch by batch. A batch is the global batch (train.batch_size rows per
+        process), and every process evaluates all of it, so the figures do not depend on the process count."""
         split = self.data.validation if split is None else split
         max_batches = max_batches or self.tc.eval_batches
+        size = self.tc.batch_size * self.world_size
         self.model.eval()
         losses = []
-        starts = range(0, min(len(split), max_batches * self.tc.batch_size), self.tc.batch_size)
+        starts = range(0, min(len(split), max_batches * size), size)
         for i in (progress(starts, desc, unit="batch") if desc and self.rank == 0 else starts):
-            rows = split[i: i + self.tc.batch_size]
+            rows = split[i: i + size]
             losses.append((self.reference(rows[:, :-1], rows[:, 1:]).loss.item(), len(rows)))
         self.model.train()
         return losses

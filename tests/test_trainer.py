@@ -192,6 +192,39 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(ryzen, t
     a, b = _step_losses(tmp_path / "one"), _step_losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    # Evaluation reads the same rows whatever the process count, so the reports compare.
+    summaries = [json.loads((tmp_path / run / "training_metrics_report.json").read_text())["runs"]["train"]["summary"]
+                 for run in ("one", "two")]
+    for key in ("final_val_loss", "test_loss"):
+        assert abs(summaries[0][key] - summaries[1][key]) < 1e-4, key
+    assert two.stderr.count("train: test perplexity") == 1  # logged by rank 0 only
+
+
+def test_distributed_workers_exit_when_their_launcher_is_killed(tmp_path, cache_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    run = subprocess.Popen([sys.executable, "-m", "ryzen_core.cli", "train", "--nproc", "2",
+                            *tiny_sets("train.max_steps=100000", "train.threads=1"), "--out", str(tmp_path / "run")],
+                           env=dict(os.environ, RYZEN_CACHE_DIR=str(cache_dir), CI="1"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = psutil.Process(run.pid)
+    workers = []
+    for _ in range(1200):  # until both workers are training (a loaded machine may take minutes)
+        workers = [p for p in launcher.children(recursive=True) if "ryzen_core.cli" in " ".join(p.cmdline())]
+        if len(workers) == 2 and (tmp_path / "run" / "training_checkpoint").exists():
+            break
+        time.sleep(0.5)
+    assert len(workers) == 2, "the two workers never started"
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=300)  # SIGTERM ends them at once; only a hang waits this long
+    assert alive == [], f"workers still running after their launcher was killed: {[p.pid for p in alive]}"
 
 
 def _step_losses(run_dir: Path) -> list[float]:
