@@ -28,7 +28,7 @@ def load_engine(run_dir: Path, limits, threads: int | None):
 
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer, loaded = load_trained_model(run_dir)
+    model, tokenizer, _ = load_trained_model(run_dir)
     return Engine(model, tokenizer, context_length(model), limits)
 
 
