@@ -284,29 +284,34 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
     results, summaries = {}, {}
     sections: list[tuple[str, str, str]] = []  # (plugin, variant, markdown) that plugins add to report.md
     initial_settings = dict(host.settings)
-    for label, plugins in variants.items():
-        # on_epoch_end adapts settings in place; every variant starts from the configured values.
-        host.settings = {n: s.model_copy(deep=True) if s is not None else None for n, s in initial_settings.items()}
-        out = run_dir / label
-        context = RunContext(config, data, run_dir, out, label, list(plugins), _baseline_handle(results, summaries),
-                             recorder=host.recorder)
-        if plugins and not changes_training(host, plugins):
-            # Same seed, data and forward as the baseline: training again would give the same weights.
-            host.begin_variant(context, plugins)  # its plugins still infer and export
-            host.recorder("core", "run")("training_shared", variant=label, reason="no selected plugin changes training")
-            results[label], summaries[label] = results["baseline"], dict(summaries["baseline"], shared_with="baseline")
-            continue
-        peak = _TrainingPeak()
-        _, result, summary = train_and_evaluate(config, host, plugins, out, data, label, context=context)
-        summary.update(peak.read())
-        summary["adaptations"] = result.metrics.adaptations
-        ended = host.call_each("on_train_end", host.active(plugins), model=result.model, metrics=summary,
-                               run_dir=out, config=config, context=context)
-        sections += [(plugin, label, section.markdown) for plugin, section in ended.items() if section]
-        _save_model_artifacts(result.model, data, out)
-        summary["plugin_settings"] = {n: s.model_dump(mode="json") for n, s in host.settings.items()
-                                      if n in plugins and s is not None}
-        results[label], summaries[label] = result, summary
+    label = "baseline"
+    try:
+        for label, plugins in variants.items():
+            # on_epoch_end adapts settings in place; every variant starts from the configured values.
+            host.settings = {n: s.model_copy(deep=True) if s is not None else None for n, s in initial_settings.items()}
+            out = run_dir / label
+            context = RunContext(config, data, run_dir, out, label, list(plugins), _baseline_handle(results, summaries),
+                                 recorder=host.recorder)
+            if plugins and not changes_training(host, plugins):
+                # Same seed, data and forward as the baseline: training again would give the same weights.
+                host.begin_variant(context, plugins)  # its plugins still infer and export
+                host.recorder("core", "run")("training_shared", variant=label, reason="no selected plugin changes training")
+                results[label], summaries[label] = results["baseline"], dict(summaries["baseline"], shared_with="baseline")
+                continue
+            peak = _TrainingPeak()
+            _, result, summary = train_and_evaluate(config, host, plugins, out, data, label, context=context)
+            summary.update(peak.read())
+            summary["adaptations"] = result.metrics.adaptations
+            ended = host.call_each("on_train_end", host.active(plugins), model=result.model, metrics=summary,
+                                   run_dir=out, config=config, context=context)
+            sections += [(plugin, label, section.markdown) for plugin, section in ended.items() if section]
+            _save_model_artifacts(result.model, data, out)
+            summary["plugin_settings"] = {n: s.model_dump(mode="json") for n, s in host.settings.items()
+                                          if n in plugins and s is not None}
+            results[label], summaries[label] = result, summary
+    except KeyboardInterrupt:
+        _write_what_finished(config, host, run_dir, results, summaries, data, label)
+        raise
     trained = {k: r for k, r in results.items() if "shared_with" not in summaries[k]}
     _write_training_files(run_dir, {k: r.metrics for k, r in trained.items()}, summaries, data)
     validation = validate_variants(config, host, results, variants, data, run_dir)
@@ -316,6 +321,22 @@ def run_pipeline(config: RunConfig, host: PluginHost, ablate: bool = False) -> P
     write_json(run_dir / "environment.json", env)
     atomic_write_text(run_dir / "report.md", training_report(config, summaries, host, env, validation, sections))
     return run_dir
+
+
+def _write_what_finished(config: RunConfig, host: PluginHost, run_dir: Path, results: dict, summaries: dict,
+                         data, interrupted: str) -> None:
+    """Ctrl-C during training: the finished variants' files and a report saying what is missing."""
+    trained = {k: r for k, r in results.items() if "shared_with" not in summaries[k]}
+    if not trained:
+        return
+    _write_training_files(run_dir, {k: r.metrics for k, r in trained.items()}, summaries, data)
+    write_json(run_dir / "optimization_analysis.json", optimization_analysis(host, config, summaries))
+    env = environment(host)
+    write_json(run_dir / "environment.json", env)
+    note = (f"**Interrupted while training `{interrupted}`**: the variants below finished; `{interrupted}` has "
+            "a checkpoint of its last step, and nothing was validated.\n\n")
+    atomic_write_text(run_dir / "report.md", note + training_report(config, summaries, host, env))
+    log.warning("run: interrupted; report.md covers the finished variants (%s)", ", ".join(trained))
 
 
 def validate_variants(config: RunConfig, host: PluginHost, results: dict, variants: dict[str, list[str]], data,

@@ -11,8 +11,11 @@ judged by the same yardstick.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,6 +369,28 @@ class Trainer:
             return "budget (seconds)"
         return None
 
+    @contextlib.contextmanager
+    def _stop_at_step_boundary_on_ctrl_c(self):
+        """The first Ctrl-C finishes the step under way and checkpoints it (fit then raises KeyboardInterrupt, so
+        --resume continues from there); a second stops at once. One process only: ranks would stop at
+        different steps and wait for each other at the checkpoint."""
+        if self.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def first_interrupt(signum, frame):
+            self.interrupted = True
+            signal.signal(signal.SIGINT, previous)
+            log.warning("%s: interrupted; finishing step %d and saving a checkpoint (Ctrl-C again stops at once)",
+                        self.label, self.step + 1)
+
+        signal.signal(signal.SIGINT, first_interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
     def fit(self, resume: bool = False) -> TrainResult:
         if self.rank == 0:
             remove_orphans(self.run_dir)
@@ -373,7 +398,9 @@ class Trainer:
             self.resume()
         stopped = self._done()
         trained = stopped is None  # a resumed run that had already finished is final as it stands
-        with Progress(self.label, self.total_steps, enabled=self.rank == 0, initial=self.step) as bar:
+        self.interrupted = False
+        with Progress(self.label, self.total_steps, enabled=self.rank == 0, initial=self.step) as bar, \
+                self._stop_at_step_boundary_on_ctrl_c():
             while stopped is None:
                 self.train_step()
                 row = self.metrics.steps[-1]
@@ -385,8 +412,11 @@ class Trainer:
                 if self.step % self.tc.eval_every == 0 or stopped:
                     if self._evaluate_and_adapt() and stopped is None:
                         stopped = f"early stopping (no improvement in {self.tc.early_stop_patience} evaluations)"
-                if self.step % self.tc.checkpoint_every == 0 and stopped is None:
+                if self.step % self.tc.checkpoint_every == 0 and stopped is None or self.interrupted:
                     self.save()
+                if self.interrupted:
+                    log.warning("%s: checkpoint of step %d saved; continue with --resume", self.label, self.step)
+                    raise KeyboardInterrupt
         if trained:
             self._finalize()
             self.save()  # the final checkpoint holds the finalized weights every other artifact comes from

@@ -259,3 +259,46 @@ def test_early_stopping_ends_training_when_validation_stops_improving(cache_dir,
                                                         "train.early_stop_patience=2"])
     assert result.stopped_because == "early stopping (no improvement in 2 evaluations)"
     assert len(result.metrics.steps) == 6  # evaluations at 2 (best), 4 and 6 (no improvement twice)
+
+
+def _interrupt_after(args: list[str], line: str, cache_dir, cwd=None):
+    """Start `ryzen ARGS`, send Ctrl-C (SIGINT) once `line` appears on stderr; (exit code, stderr)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = subprocess.Popen([sys.executable, "-m", "ryzen_core.cli", *args], stderr=subprocess.PIPE, text=True,
+                           stdout=subprocess.DEVNULL, env=dict(os.environ, RYZEN_CACHE_DIR=str(cache_dir), CI="1"))
+    seen = []
+    for text in run.stderr:
+        seen.append(text)
+        if line in text:
+            run.send_signal(signal.SIGINT)
+            break
+    rest = run.stderr.read()  # the same buffered reader: communicate() would miss what it already holds
+    run.wait(timeout=1800)  # only a hang reaches the timeout
+    return run.returncode, "".join(seen) + rest
+
+
+def test_ctrl_c_checkpoints_the_step_under_way_and_exits_130(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    code, stderr = _interrupt_after(["train", *tiny_sets("train.max_steps=100000", "train.checkpoint_every=100000"),
+                                     "--out", str(out)], "train step 3: val_loss", cache_dir)
+    assert code == 130, stderr[-2000:]
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "training_checkpoint").glob("step-*"))
+    assert len(steps) == 1 and 3 <= steps[0] < 100000  # not a periodic checkpoint: the one Ctrl-C asked for
+    assert (out / "training_checkpoint" / "LATEST").read_text().strip().endswith(f"{steps[0]:06d}")
+    assert "continue with --resume" in stderr and "Traceback" not in stderr
+
+
+def test_ctrl_c_during_ryzen_run_writes_the_finished_variants_report(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    code, stderr = _interrupt_after(["run", "--plugins", "smoothing", *tiny_sets("train.max_steps=300"),
+                                     "--out", str(out)], "optimized step 3: val_loss", cache_dir)
+    assert code == 130, stderr[-2000:]
+    report = (out / "report.md").read_text()
+    assert "Interrupted while training `optimized`" in report
+    runs = json.loads((out / "training_metrics_report.json").read_text())["runs"]
+    assert list(runs) == ["baseline"] and runs["baseline"]["summary"]["steps"] == 300
+    assert list((out / "optimized" / "training_checkpoint").glob("step-*"))
