@@ -112,6 +112,9 @@ class TrainConfig(Section):
     """The one owner of training precision. 'fp32': no bf16 anywhere; 'bf16': every variant trains under bf16
     autocast; 'auto': the trainer runs fp32 (so the baseline is plain fp32) and an optimization plugin may choose
     bf16 where the CPU has native bf16 (the kernel plugin measures it)."""
+    hook_timeout_s: float | None = Field(900.0, gt=0, le=MAX_COUNT)
+    """Longest one plugin hook call may take (on_export included) before the plugin is disabled as failed;
+    null: no limit. The forward a plugin returns is part of a training step, not a hook call."""
     max_bad_steps: int = Field(5, gt=0)
     """Consecutive steps with NaN/inf loss or gradients before the run stops."""
     checkpoint_every: Count = 100

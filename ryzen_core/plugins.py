@@ -11,8 +11,11 @@ instantiated once per variant (`begin_variant`) and its hooks run on that instan
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import PurePath
@@ -104,6 +107,7 @@ class PluginHost:
         self.contexts: dict[str, Any] = {}  # variant -> its RunContext
         self.variant: str | None = None  # the variant whose instances hooks run on
         self.hook: str | None = None  # the hook being called, for record()
+        self.hook_timeout_s: float | None = None  # train.hook_timeout_s; see _time_limit
 
     # -- loading -----------------------------------------------------------------
     def load_installed(self, names: Iterable[str] | None = None) -> None:
@@ -304,11 +308,32 @@ class PluginHost:
         kwargs = dict(kwargs, settings=self.settings.get(plugin_name), record=self.recorder(plugin_name, hook))
         outer, self.hook = self.hook, hook
         try:
-            # pluggy lets implementations take any subset of the spec's arguments.
-            result = function(**{arg: kwargs.get(arg) for arg in impl.argnames})
+            with self._time_limit(plugin_name, hook, nested=outer is not None):
+                # pluggy lets implementations take any subset of the spec's arguments.
+                result = function(**{arg: kwargs.get(arg) for arg in impl.argnames})
         finally:
             self.hook = outer
         return as_result(hook, plugin_name, result)
+
+    @contextlib.contextmanager
+    def _time_limit(self, plugin: str, hook: str, nested: bool):
+        """A hook call that runs past hook_timeout_s raises PluginError inside it (SIGALRM; main thread only),
+        so a hung plugin is disabled like a failing one instead of hanging the run."""
+        limit = self.hook_timeout_s
+        if limit is None or nested or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def expired(signum, frame):
+            raise PluginError(f"plugin {plugin}: {hook} ran past train.hook_timeout_s ({limit:g} s)")
+
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, limit)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
     def first(self, hook: str, names: Sequence[str], **kwargs) -> Any:
         """The first non-None result of `hook` over `names` in order (load_backend: whose export is it?)."""

@@ -29,6 +29,7 @@ def prepare(host: PluginHost, config_path: Path | None, overrides: Sequence[str]
     models = host.settings_models()  # before `require`: a selected plugin whose ryzen_settings raises fails there
     host.require(config.plugins)
     host.settings = resolve_plugin_settings(config, models)
+    host.hook_timeout_s = config.train.hook_timeout_s
     check_model_fits_data(config)
     if out_dir is not None:
         config.output.dir = out_dir

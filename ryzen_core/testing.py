@@ -58,6 +58,7 @@ def make_host(plugins: dict[str, object] | None = None, config=None):
             raise AssertionError(f"plugin {name} did not register: {host.records[name].error}")
     if config is not None:
         host.settings = resolve_plugin_settings(config, host.settings_models())
+        host.hook_timeout_s = config.train.hook_timeout_s
     return host
 
 

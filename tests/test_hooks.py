@@ -80,3 +80,19 @@ def test_on_train_finalize_weights_are_the_ones_checkpointed(ryzen_cache_dir, tm
     saved = build_model(config.model, config.data.vocab_size)
     load_weights(saved, latest_checkpoint(tmp_path / "run"))
     assert all(float(p.abs().sum()) == 0.0 for p in saved.parameters())
+
+
+def test_a_hook_that_hangs_is_disabled_when_it_passes_the_time_limit(ryzen_cache_dir, tmp_path):
+    import time
+
+    class Hangs:
+        @hookimpl
+        def on_model_load(self):
+            time.sleep(3600)
+
+    config = make_config(ryzen_cache_dir, "train.hook_timeout_s=0.5", plugins=["hangs"])
+    host = make_host({"hangs": Hangs()}, config)
+    result = train_tiny(host, config, tmp_path / "run")
+    assert result.disabled["hangs"] == "on_model_load: ryzen_core.errors.PluginError: plugin hangs: on_model_load ran " \
+                                       "past train.hook_timeout_s (0.5 s)"
+    assert result.metrics.steps[-1]["step"] == 6  # and the run went on without it
