@@ -55,7 +55,7 @@ class SpeculativePlugin(Plugin):
 
         def generate(input_ids, max_new_tokens, **sampling):
             drafter = PromptLookupDrafter(settings.ngram_max, settings.ngram_min)
-            schedule = DraftLength(settings.max_draft, settings.adaptive, settings.min_acceptance)
+            schedule = DraftLength(settings.max_draft, settings.adaptive, settings.min_tokens_per_forward)
             this_call = SpeculationStats()
             sequence = speculative_generate(model, input_ids, max_new_tokens, drafter=drafter,
                                             draft_length=schedule, stats=this_call, **sampling)
@@ -66,4 +66,9 @@ class SpeculativePlugin(Plugin):
                        totals=self.totals.summary() if self.totals is not None else None)
             return sequence
 
+        # The same weights generate, so the runtime table can class it by their precision; bytes per token
+        # are left unsaid: one forward reads the weights once for several tokens.
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        generate.precision = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(
+            str(dtypes.pop())) if len(dtypes) == 1 else None
         return generate

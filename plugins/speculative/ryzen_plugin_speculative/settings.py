@@ -18,11 +18,13 @@ class SpeculativeSettings(PluginSettings):
     ngram_min: int = Field(1, ge=1, le=16)
     """Prompt lookup: the shortest suffix tried before giving up on a draft for this step."""
     adaptive: bool = True
-    """Adapt the draft length to the acceptance (+2 after a fully accepted draft, -1 otherwise) and pause
-    drafting while the acceptance stays below `min_acceptance`; False drafts `max_draft` tokens whenever a match exists."""
-    min_acceptance: float = Field(0.2, ge=0.0, le=1.0)
-    """Adaptive: below this running acceptance rate (drafted tokens accepted) drafting pauses, for a
-    number of steps that doubles each time it pauses again without a draft accepted in between."""
+    """Adapt the draft length (+2 after a draft kept whole, -1 otherwise) and pause drafting while it does
+    not pay (below); False drafts `max_draft` tokens whenever a match exists."""
+    min_tokens_per_forward: float = Field(2.0, ge=1.0, le=64.0)
+    """Adaptive: drafting pauses while a verification forward yields fewer tokens than this on the running
+    average (kept drafts + 1), for a number of steps that doubles each time it pauses again without a draft
+    kept in between. The default is what a forward over 2-8 tokens costs in one-token steps for the default
+    model on 2 cores (README)."""
 
     @model_validator(mode="after")
     def _ngram_range(self):
