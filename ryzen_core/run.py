@@ -469,6 +469,11 @@ def bench_inference(run_dir: Path, host: PluginHost, config: RunConfig) -> dict[
         plugins = trained_with.get(label, [])  # apply their on_infer as the run did
         host.begin_variant(RunContext(config, data, run_dir, directory, label, plugins, recorder=host.recorder), plugins)
         variants.append(Variant(label, model, plugins, latest_checkpoint(directory)))
+    if config.plugins and variants[0].label == "baseline" and all(v.label != "optimized" for v in variants):
+        # Its plugins changed no training, so it shared the baseline's weights (run_pipeline): validate it so.
+        host.begin_variant(RunContext(config, data, run_dir, run_dir / "optimized", "optimized", config.plugins,
+                                      recorder=host.recorder), config.plugins)
+        variants.append(Variant("optimized", variants[0].model, list(config.plugins), variants[0].weights))
     final = "optimized" if any(v.label == "optimized" for v in variants) else variants[0].label
     cfg = config.validate_
     with tempfile.TemporaryDirectory(prefix="ryzen-validate-") as workdir:

@@ -100,6 +100,7 @@ class TorchRecipe:
         backend = torch_backend(model, self.name, host, self.infer_plugins, tokenizer, config)
         backend.plugin_events = [dict(e.__dict__) for e in host.events]
         backend.plugin_disabled = dict(host.disabled)
+        backend.plugin_host = host  # what its plugins record while it generates is asked for at the end
         return backend
 
 
@@ -153,7 +154,16 @@ REQUESTS = {
     "generate": lambda b, prompts, n: _greedy(b, torch.from_numpy(prompts), n).numpy(),
     "perplexity": lambda b, split, batch_size, batches: perplexity(b, torch.from_numpy(split), batch_size, batches),
     "memory": lambda b: _memory_message(),
+    "plugin_record": lambda b: _plugin_record(b),
 }
+
+
+def _plugin_record(backend) -> dict[str, Any]:
+    """What the backend's plugins recorded (and who was disabled) up to now, generation included."""
+    host = getattr(backend, "plugin_host", None)
+    if host is None:
+        return {"events": getattr(backend, "plugin_events", []), "disabled": getattr(backend, "plugin_disabled", {})}
+    return {"events": [dict(e.__dict__) for e in host.events], "disabled": dict(host.disabled)}
 
 
 def _pin_threads(threads: int) -> None:
@@ -278,6 +288,10 @@ class ProcessWorker:
 
     def close(self) -> None:
         if self._process.is_alive() and self.failure is None:  # a failed worker gets no second chance to answer
+            try:  # events its plugins recorded while it was measured, not only while it was built
+                self.ready.update(self._ask("plugin_record"))
+            except WorkerFailed:
+                return  # _fail has closed it
             try:
                 self._conn.send(("stop",))
             except (BrokenPipeError, OSError):
@@ -335,7 +349,8 @@ class InlineWorker:
                 "failure": self.failure, "facts": backend_facts(self.backend) if self.backend is not None else {}}
 
     def close(self) -> None:
-        pass
+        if self.backend is not None:
+            self.ready.update(_plugin_record(self.backend))
 
 
 Worker = ProcessWorker | InlineWorker
