@@ -243,7 +243,7 @@ def test_kernel_info_json_includes_peak_flops(ryzen_cli, ryzen_cache_dir):
 
 TINY_TUNE = ["--set", "model.preset=tiny", "--set", "data.max_documents=12", "--set", "data.vocab_size=300",
              "--set", "data.seq_len=32", "--set", "train.batch_size=4", "--set", "kernel.tune_rounds=2",
-             "--set", "kernel.tune_steps=1", "--set", "kernel.compile=eager"]
+             "--set", "kernel.tune_steps=1", "--set", "kernel.compile=eager", "--set", "train.precision=fp32"]
 
 
 def test_kernel_tune_caches_and_retune_measures_again(ryzen_cli):
@@ -251,7 +251,7 @@ def test_kernel_tune_caches_and_retune_measures_again(ryzen_cli):
     assert first.returncode == 0, first.stderr
     decision = json.loads(first.stdout[first.stdout.index("{"):])
     assert decision["trials"] and decision["shape"]["seq_len"] == 32
-    assert decision["not_tried"]["precision"] == "fp32 set in train.precision"  # train.precision's default
+    assert decision["not_tried"]["precision"] == "fp32 set in train.precision"  # one owner: the train section
     second = ryzen_cli("kernel", "tune", *TINY_TUNE)
     assert "reused from the cache" in second.stdout
     third = ryzen_cli("kernel", "tune", *TINY_TUNE, "--retune")
