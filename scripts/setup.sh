@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install ryzen-core, the four bundled plugins, the example
+# Create .venv (if needed) and install ryzen-core, the bundled plugins, the example
 # plugin and the test tools into it. Safe to run again: it reinstalls only when a
 # pyproject.toml changed. Needs Python 3.11+ and pip; nothing else.
 set -euo pipefail
