@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # torch is pinned to the CPU build: an unpinned torch pulls a multi-GB CUDA build.
     "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
     "$VENV/bin/python" -m pip install --quiet -e ".[test]" \
-        -e plugins/kernel_simd -e plugins/semantic_compression -e plugins/rlvr -e plugins/onnx_export -e plugins/speculative -e "plugins/runtimes[ctranslate2]" \
+        -e plugins/kernel_simd -e plugins/semantic_compression -e plugins/rlvr -e plugins/onnx_export -e plugins/speculative -e plugins/kv_cache -e "plugins/runtimes[ctranslate2]" \
         -e plugins/bitnet -e "plugins/serve[test]" -e examples/ryzen-plugin-label-smoothing
     echo "$want" > "$stamp"
 fi
