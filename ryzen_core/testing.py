@@ -11,6 +11,8 @@ without reaching into Ryzen's own tests/:
 - `tiny_run`: a whole `ryzen run` (baseline, optimized, validation, report) -> run directory.
 - `hook_recorder`: a plugin that records every hook call it receives (name and arguments).
 - `ryzen_cli`: run `ryzen ARGS` in a subprocess, as a user would -> CompletedProcess.
+- `char_corpus`, `char_tokenizer` (a `CharTokenizer` over it), `one_torch_thread`: for tests of
+  decoding that build their own tiny models.
 
 Everything is small enough for CI on 2 cores: a tiny model, a dozen stdlib files, six steps.
 Importing this module is cheap; torch loads when a fixture is used.
@@ -182,7 +184,44 @@ class HookRecorder:
         self._note("on_export", model=model, export_dir=export_dir, context=context)
 
 
+class CharTokenizer:
+    """One token per distinct character of a text: a tokenizer for model tests that need no trained BPE."""
+
+    def __init__(self, text: str):
+        self.chars = sorted(set(text))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index[c] for c in text]
+
+
 # ----------------------------------------------------------------------------- pytest fixtures
+
+@pytest.fixture(scope="session")
+def char_corpus() -> str:
+    """A fixed text with code in it: the source of the stdlib's textwrap module."""
+    import inspect
+    import textwrap
+
+    return inspect.getsource(textwrap)
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer(char_corpus) -> CharTokenizer:
+    return CharTokenizer(char_corpus)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models decode fastest on one thread; on a busy machine a second one spins and waits."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 @pytest.fixture(scope="session")
 def ryzen_cache_dir(tmp_path_factory) -> Path:

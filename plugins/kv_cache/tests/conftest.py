@@ -3,9 +3,6 @@ built-in Transformer and an HF Llama briefly trained on it (peaked logits, so to
 something), with a context long enough that most of a sequence is quantized."""
 from __future__ import annotations
 
-import inspect
-import textwrap
-
 import pytest
 import torch
 
@@ -14,33 +11,19 @@ from ryzen_core.testing import briefly_trained_model
 CONTEXT = 256
 
 
-class CharTokenizer:
-    def __init__(self, text: str):
-        self.chars = sorted(set(text))
-        self.index = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.index[c] for c in text]
+@pytest.fixture(scope="session")
+def corpus(char_corpus) -> str:
+    return char_corpus
 
 
 @pytest.fixture(scope="session")
-def corpus() -> str:
-    return inspect.getsource(textwrap)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(corpus) -> CharTokenizer:
-    return CharTokenizer(corpus)
+def tokenizer(char_tokenizer):
+    return char_tokenizer
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread; on a busy machine a second one spins and waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test here on one thread (ryzen_core.testing's one_torch_thread)."""
 
 
 @pytest.fixture(scope="session", params=["builtin", "llama"])

@@ -6,9 +6,6 @@ always predicts; at 0.1 it wanders, so some drafts are kept and many are rejecte
 verification (and the cache rollback) run. Training instead would take minutes on a busy 2-core machine."""
 from __future__ import annotations
 
-import inspect
-import textwrap
-
 import pytest
 import torch
 
@@ -17,33 +14,19 @@ from ryzen_core import Transformer, TransformerConfig, hf_model_from_config, tin
 WEIGHT_STD = 0.1
 
 
-class CharTokenizer:
-    def __init__(self, text: str):
-        self.chars = sorted(set(text))
-        self.index = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.index[c] for c in text]
+@pytest.fixture(scope="session")
+def corpus(char_corpus) -> str:
+    return char_corpus
 
 
 @pytest.fixture(scope="session")
-def corpus() -> str:
-    return inspect.getsource(textwrap)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(corpus) -> CharTokenizer:
-    return CharTokenizer(corpus)
+def tokenizer(char_tokenizer):
+    return char_tokenizer
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small decode fastest on one thread; on a busy machine a second one spins and waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(one_torch_thread):
+    """Every test here on one thread (ryzen_core.testing's one_torch_thread)."""
 
 
 def tiny_model(kind: str, vocab_size: int, seed: int = 0, std: float = WEIGHT_STD) -> torch.nn.Module:
