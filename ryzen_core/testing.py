@@ -135,6 +135,19 @@ HOOKS = ("on_model_load", "transform_forward", "on_train_start", "on_train_batch
          "on_train_finalize", "on_train_end", "on_infer", "on_export")
 
 
+class RecordedEvents:
+    """A `record` callable for calling a hook by hand: `events` holds (event, data); `named(event)` the data."""
+
+    def __init__(self):
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, event: str, **data: Any) -> None:
+        self.events.append((event, data))
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [data for name, data in self.events if name == event]
+
+
 class HookRecorder:
     """A plugin that changes nothing and writes down every call: `calls` holds (hook, arguments)."""
 

@@ -3,6 +3,7 @@ KV-cache generation loop that serves both. Importing this package does not impor
 transformers."""
 
 from ryzen_core.models.generate import (
+    decode_loop,
     filter_logits,
     generate,
     generate_no_cache,
@@ -22,6 +23,7 @@ __all__ = [
     "Transformer",
     "TransformerConfig",
     "filter_logits",
+    "decode_loop",
     "generate",
     "generate_no_cache",
     "hf_model_from_config",

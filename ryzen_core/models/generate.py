@@ -170,6 +170,16 @@ def _decode(
         model.train(was_training)
 
 
+def decode_loop(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                next_logits: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], *,
+                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
+                generator: torch.Generator | None = None, on_token: Callable[[int], None] | None = None) -> torch.Tensor:
+    """`generate`'s sampling loop (prefill, one token per step, eos padding, `on_token(step)`) around a
+    plugin's own `next_logits(sequence, new_token)` -> [B, V], for plugins that keep their own KV cache."""
+    return _decode(model, input_ids, max_new_tokens, next_logits, temperature, top_k, top_p, eos_token_id,
+                   generator, on_token)
+
+
 def generate(
     model: nn.Module,
     input_ids: torch.Tensor,

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ryzen_core import context_length, is_hf_model, model_outputs, sample_next
+from ryzen_core import context_length, decode_loop, is_hf_model, model_outputs
 
 from .cache import QuantizedKVCache
 
@@ -40,33 +40,18 @@ def quantized_generate(model, input_ids: torch.Tensor, max_new_tokens: int, cach
                        on_token: Callable[[int], None] | None = None) -> torch.Tensor:
     """`ryzen_core.generate`'s contract (prefill, one token per step, eos padding, `on_token(step)`),
     with `cache` (empty) as the KV cache."""
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}")
-    total = input_ids.shape[1] + max_new_tokens
+    # decode_loop checks the input's shape and the built-in model's context; a Llama's is checked here.
+    total = input_ids.shape[1] + max_new_tokens if input_ids.dim() == 2 else 0
     if total > context_length(model):
         raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
                          f"exceeds the model's context_length {context_length(model)}")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            sequence, step_input = input_ids, input_ids
-            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            for step in range(max_new_tokens):
-                logits = cached_forward(model, cache, step_input)[:, -1, :]
-                new_token = sample_next(logits, temperature, top_k, top_p, generator)
-                if eos_token_id is not None:
-                    new_token = new_token.masked_fill(finished, eos_token_id)
-                    finished |= new_token == eos_token_id
-                step_input = new_token.unsqueeze(1).to(sequence.dtype)
-                sequence = torch.cat([sequence, step_input], dim=1)
-                if on_token is not None:
-                    on_token(step)
-                if eos_token_id is not None and bool(finished.all()):
-                    break
-            return sequence
-    finally:
-        model.train(was_training)
+
+    def next_logits(sequence: torch.Tensor, new_token: torch.Tensor | None) -> torch.Tensor:
+        step_input = sequence if new_token is None else new_token.unsqueeze(1).to(sequence.dtype)
+        return cached_forward(model, cache, step_input)[:, -1, :]
+
+    return decode_loop(model, input_ids, max_new_tokens, next_logits, temperature=temperature, top_k=top_k,
+                       top_p=top_p, eos_token_id=eos_token_id, generator=generator, on_token=on_token)
 
 
 def incremental_logits(model, input_ids: torch.Tensor, cache: QuantizedKVCache) -> torch.Tensor:

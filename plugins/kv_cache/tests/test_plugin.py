@@ -9,19 +9,9 @@ import pytest
 import torch
 
 from ryzen_core import ConfigError, InferencePath
+from ryzen_core.testing import RecordedEvents
 from ryzen_plugin_kv_cache import KVCacheSettings, QuantizedKVCache, quantized_generate
 from ryzen_plugin_kv_cache.plugin import KVCachePlugin
-
-
-class Recorder:
-    def __init__(self):
-        self.events: list[tuple[str, dict]] = []
-
-    def __call__(self, event, **data):
-        self.events.append((event, data))
-
-    def named(self, event):
-        return [data for name, data in self.events if name == event]
 
 
 def plain(input_ids, max_new_tokens, **sampling):
@@ -31,7 +21,7 @@ def plain(input_ids, max_new_tokens, **sampling):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_on_infer_generates_through_the_quantized_cache_and_records_bytes(model, text_ids, bits):
     settings = KVCacheSettings(bits=bits, group_size=16, residual=16)
-    plugin, record = KVCachePlugin(settings), Recorder()
+    plugin, record = KVCachePlugin(settings), RecordedEvents()
     quantized = plugin.on_infer(generate=plain, model=model, record=record)
     steps: list[int] = []
     prompt = text_ids[:, :100]
@@ -49,7 +39,7 @@ def test_on_infer_generates_through_the_quantized_cache_and_records_bytes(model,
 
 
 def test_disabled_or_another_model_leaves_generation_alone(model):
-    record = Recorder()
+    record = RecordedEvents()
     assert KVCachePlugin(KVCacheSettings(enabled=False)).on_infer(generate=plain, model=model, record=record) is None
     other_model = InferencePath(plain, logits=lambda ids: None)
     assert KVCachePlugin().on_infer(generate=other_model, model=model, record=record) is None

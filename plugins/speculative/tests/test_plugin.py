@@ -8,19 +8,9 @@ import pytest
 import torch
 
 from ryzen_core import ConfigError, InferencePath, generate
+from ryzen_core.testing import RecordedEvents
 from ryzen_plugin_speculative import SpeculativeSettings
 from ryzen_plugin_speculative.plugin import SpeculativePlugin
-
-
-class Recorder:
-    def __init__(self):
-        self.events: list[tuple[str, dict]] = []
-
-    def __call__(self, event, **data):
-        self.events.append((event, data))
-
-    def named(self, event):
-        return [data for name, data in self.events if name == event]
 
 
 def plain(input_ids, max_new_tokens, **sampling):
@@ -28,7 +18,7 @@ def plain(input_ids, max_new_tokens, **sampling):
 
 
 def test_on_infer_generates_what_plain_greedy_does_and_records_acceptance(model, prompt_suite):
-    plugin, record = SpeculativePlugin(SpeculativeSettings(max_draft=6)), Recorder()
+    plugin, record = SpeculativePlugin(SpeculativeSettings(max_draft=6)), RecordedEvents()
     speculative = plugin.on_infer(generate=plain, model=model, record=record)
     steps: list[int] = []
     for prompt in prompt_suite[:3]:
@@ -46,7 +36,7 @@ def test_on_infer_generates_what_plain_greedy_does_and_records_acceptance(model,
 
 
 def test_disabled_or_another_model_leaves_generation_alone(model):
-    record = Recorder()
+    record = RecordedEvents()
     assert SpeculativePlugin(SpeculativeSettings(enabled=False)).on_infer(generate=plain, model=model,
                                                                           record=record) is None
     other_model = InferencePath(plain, logits=lambda ids: None)
