@@ -39,7 +39,7 @@ _LAZY = {
     "is_hf_model": "models", "load_hf_model": "models", "save_hf_model": "models",
     "hf_model_from_config": "models", "tiny_llama_config": "models",
     "generate": "models", "generate_no_cache": "models", "decode_loop": "models", "sample_next": "models", "filter_logits": "models",
-    "lm_logits": "models", "last_hidden": "models", "model_outputs": "models",
+    "lm_logits": "models", "last_hidden": "models", "model_outputs": "models", "hf_forward_with_cache": "models",
     # inference backends
     "Backend": "backends", "TorchBackend": "backends", "OnToken": "backends", "quality_class": "runtime_table",
     "validate": "validator", "time_generation": "generation_timing",

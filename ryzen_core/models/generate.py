@@ -3,6 +3,8 @@ Hugging Face causal LMs."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from typing import Any, Callable
 
@@ -35,6 +37,19 @@ def _unsupported(model: Any) -> TypeError:
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _hf_cache_name(model_type: type) -> str:
+    # transformers 5 renamed forward's `past_key_values` to `cache`: the old name warns and goes in 5.40.
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
+def hf_forward_with_cache(model: nn.Module, cache: Any, **inputs: Any) -> tuple[torch.Tensor, Any]:
+    """A transformers causal LM's cached forward under whichever name its version gives the
+    cache argument: (logits, the cache to pass next)."""
+    output = model(**inputs, **{_hf_cache_name(type(_unwrap(model))): cache}, use_cache=True)
+    return output.logits, (output.cache if hasattr(output, "cache") else output.past_key_values)
+
+
 def model_outputs(model: nn.Module, input_ids: torch.Tensor, past_key_values: Any = None) -> tuple[torch.Tensor, Any]:
     """One cached forward step: returns (logits [B, T, V], cache to pass to the next step).
 
@@ -45,8 +60,7 @@ def model_outputs(model: nn.Module, input_ids: torch.Tensor, past_key_values: An
         output = model(input_ids, past_key_values=past_key_values, use_cache=True)
         return output.logits, output.past_key_values
     if is_hf_model(model):
-        output = model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True)
-        return output.logits, output.past_key_values
+        return hf_forward_with_cache(model, past_key_values, input_ids=input_ids)
     raise _unsupported(model)
 
 

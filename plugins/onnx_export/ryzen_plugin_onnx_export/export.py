@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ryzen_core import RyzenError
+from ryzen_core import RyzenError, hf_forward_with_cache
 
 FORMAT = "ryzen-onnx"
 FORMAT_VERSION = 1
@@ -134,11 +134,11 @@ class HFKVWrapper(nn.Module):
         for layer_index in range(self.layers):
             cache.update(past[2 * layer_index], past[2 * layer_index + 1], layer_index)
         positions = (torch.arange(new_len, device=input_ids.device) + past_len).unsqueeze(0).expand(batch, new_len)
-        output = self.model(input_ids=input_ids, past_key_values=cache, position_ids=positions, use_cache=True)
+        logits, cache = hf_forward_with_cache(self.model, cache, input_ids=input_ids, position_ids=positions)
         presents: list[torch.Tensor] = []
-        for layer in output.past_key_values.layers:
+        for layer in cache.layers:
             presents += [layer.keys, layer.values]
-        return (output.logits, *presents)
+        return (logits, *presents)
 
 
 def kv_layout(model: nn.Module) -> KVLayout:

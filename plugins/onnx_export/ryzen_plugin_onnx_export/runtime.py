@@ -205,9 +205,25 @@ class FusedOrtBackend(_ExportBackend):
         feeds.update(zip(self.input_names[3:], self._empty_past(ids.shape[0])))
         return torch.from_numpy(self.session.run(["logits"], feeds)[0])
 
+    def _mask_value(self, batch: int, total: int):
+        """An all-ones [batch, total] attention mask as an OrtValue, made once per shape and
+        kept: creating one costs about as much as a small model's whole Python step."""
+        import onnxruntime as ort
+
+        if self._ones.size < batch * total:
+            self._ones = np.ones(max(batch * total, 2 * self._ones.size), dtype=np.int64)
+            self._masks = {}  # they point into the old array
+        value = self._masks.get((batch, total))
+        if value is None:
+            value = ort.OrtValue.ortvalue_from_numpy(self._ones[:batch * total].reshape(batch, total))
+            self._masks[(batch, total)] = value
+        return value
+
     def _decoder(self, batch: int, capacity: int) -> Decoder:
         import onnxruntime as ort
 
+        if not hasattr(self, "_ones"):
+            self._ones, self._masks = np.ones(0, dtype=np.int64), {}
         binding = self.session.io_binding()
         shape = (batch, self.kv_heads, capacity, self.head_dim)
         # Kept alive by the closure: the binding holds raw pointers into these arrays.
@@ -216,29 +232,36 @@ class FusedOrtBackend(_ExportBackend):
             value = ort.OrtValue.ortvalue_from_numpy(buffer)
             binding.bind_ortvalue_input(past_name, value)
             binding.bind_ortvalue_output(present_name, value)
-        # Every mask is all ones, so any [batch * total] prefix of one array is a contiguous
-        # [batch, total] mask; positions[p] is the [batch] column of position p.
-        ones = np.ones(batch * capacity, dtype=np.int64)
-        positions = np.ascontiguousarray(np.broadcast_to(np.arange(capacity, dtype=np.int64)[:, None], (capacity, batch)))
+        # A decode step writes its token and position into these bound [batch, 1] arrays in
+        # place (an OrtValue shares a numpy array's memory), so it binds only the mask.
+        step_ids, step_positions = np.zeros((batch, 1), dtype=np.int64), np.zeros((batch, 1), dtype=np.int64)
+        step_values = (ort.OrtValue.ortvalue_from_numpy(step_ids), ort.OrtValue.ortvalue_from_numpy(step_positions))
         past_len = 0
         logits = np.empty(0, dtype=np.float32)
 
-        def decode(step_ids: np.ndarray) -> np.ndarray:
+        def decode(new_ids: np.ndarray) -> np.ndarray:
             nonlocal past_len, logits
-            new_len = step_ids.shape[1]
-            if logits.shape[:2] != step_ids.shape:  # prefill, then once for the first decode step
-                logits = np.empty((*step_ids.shape, self.vocab_size), dtype=np.float32)
+            new_len = new_ids.shape[1]
+            if logits.shape[:2] != new_ids.shape:  # prefill, then once for the first decode step
+                logits = np.empty((*new_ids.shape, self.vocab_size), dtype=np.float32)
                 binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+                if new_len == 1:
+                    binding.bind_ortvalue_input("input_ids", step_values[0])
+                    binding.bind_ortvalue_input("position_ids", step_values[1])
             total = past_len + new_len
-            position_ids = (positions[past_len:total].T.copy() if new_len > 1
-                            else positions[past_len].reshape(batch, 1))
-            binding.bind_cpu_input("input_ids", step_ids)
-            binding.bind_cpu_input("attention_mask", ones[:batch * total].reshape(batch, total))
-            binding.bind_cpu_input("position_ids", position_ids)
+            if new_len == 1:
+                step_ids[:] = new_ids
+                step_positions.fill(past_len)
+            else:
+                binding.bind_cpu_input("input_ids", np.ascontiguousarray(new_ids))
+                binding.bind_cpu_input("position_ids", np.broadcast_to(
+                    np.arange(past_len, total, dtype=np.int64), (batch, new_len)).copy())
+            binding.bind_ortvalue_input("attention_mask", self._mask_value(batch, total))
             self.session.run_with_iobinding(binding)
             past_len = total
             return logits[:, -1, :]
         decode.buffers = buffers  # noqa: B010 - ownership, see above
+        decode.step_arrays = (step_ids, step_positions)  # noqa: B010 - the same
         return decode
 
 
