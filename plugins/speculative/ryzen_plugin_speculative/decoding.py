@@ -32,6 +32,7 @@ class SpeculationStats:
     drafted: int = 0
     accepted: int = 0
     pauses: int = 0  # times the adaptive rule stopped drafting for a while
+    draft_forwards: int = 0  # forwards of a draft model (0 for prompt lookup)
 
     def add(self, other: "SpeculationStats") -> None:
         for name, value in asdict(other).items():
@@ -88,8 +89,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_ne
                          draft_length: DraftLength | None = None,
                          stats: SpeculationStats | None = None) -> torch.Tensor:
     """`ryzen_core.generate`'s contract and output (greedy: the same tokens; sampling: the same
-    distribution), drafting with `drafter` (default prompt lookup) as `draft_length` says. Counts go
-    into `stats` when given."""
+    distribution), drafting with `drafter` (default prompt lookup) as `draft_length` says. Counts go into `stats` when given."""
     _check_arguments(model, input_ids, max_new_tokens)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -97,6 +97,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_ne
     draft_length = draft_length or DraftLength(8)
     counts = SpeculationStats(calls=1)
     sampling = None if temperature == 0 else (temperature, top_k, top_p, generator)
+    draft_forwards_before = getattr(drafter, "forwards", 0)
     was_training = model.training
     model.eval()  # dropout must be off while generating
     try:
@@ -106,6 +107,7 @@ def speculative_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_ne
     finally:
         model.train(was_training)
         counts.pauses = draft_length.pauses
+        counts.draft_forwards = getattr(drafter, "forwards", 0) - draft_forwards_before
         if stats is not None:
             stats.add(counts)
     return output.sequence
@@ -128,7 +130,7 @@ def _decode(model, output: _Output, sampling, drafter, draft_length: DraftLength
     counts.tokens += 1
     while not output.done:
         length = min(draft_length.next(), output.max_new_tokens - output.produced - 1)
-        drafts, draft_probs = drafter.propose(output.sequence, length) if length > 0 else (no_draft, None)
+        drafts, draft_probs = drafter.propose(output.sequence, length, sampling) if length > 0 else (no_draft, None)
         kept_length = output.sequence.shape[1]  # the cache holds kept_length - 1 positions now
         step_input = torch.cat([output.sequence[:, -1:], drafts.to(output.sequence.dtype)], dim=1)
         logits, cache = model_outputs(model, step_input, cache)

@@ -1,8 +1,9 @@
 """Drafters: cheap guesses of the next tokens, which the target model then verifies.
 
-A drafter's `propose(sequences, length)` returns drafts [B, k] with k <= length (k = 0: no draft this
-step) and, for a stochastic drafter, their probabilities; a deterministic drafter returns None there,
-which the acceptance rule reads as a one-hot q.
+A drafter's `propose(sequences, length, sampling)` returns drafts [B, k] with k <= length (k = 0: no draft
+this step) and, for a stochastic drafter, the distributions [B, k, V] they were drawn from; a deterministic
+drafter returns None there, which the acceptance rule reads as a one-hot q. `sampling` is (temperature,
+top_k, top_p, generator) while sampling, None while greedy. The draft model's drafter is in draft_model.py.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ class PromptLookupDrafter:
                 return sequence[follow:follow + length]
         return sequence[:0]
 
-    def propose(self, sequences: torch.Tensor, length: int) -> tuple[torch.Tensor, None]:
-        """Drafts [B, k] for every row, k being the shortest row's draft (a batch verifies one length)."""
+    def propose(self, sequences: torch.Tensor, length: int, sampling=None) -> tuple[torch.Tensor, None]:
+        """Drafts [B, k] for every row, k being the shortest row's draft (a batch verifies one length);
+        the same whether sampling or not."""
         if length <= 0:
             return sequences[:, :0], None
         rows = [self.propose_row(row, length) for row in sequences]

@@ -1,7 +1,10 @@
 """The `speculative:` section of a run config."""
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from ryzen_core import PluginSettings
 
@@ -11,6 +14,12 @@ class SpeculativeSettings(PluginSettings):
 
     enabled: bool = True
     """False leaves generation to the plain KV-cache loop (the plugin only records that)."""
+    drafter: Literal["lookup", "model", "auto"] = "auto"
+    """lookup: prompt lookup only. model: the draft model of `draft_run` only. auto: prompt lookup without
+    a `draft_run`; with one, prompt lookup where the text repeats (a match of `ngram_max` tokens), the draft
+    model elsewhere."""
+    draft_run: Path | None = None
+    """The run directory of a `ryzen train` run of a smaller model on the target's tokenizer (README)."""
     max_draft: int = Field(8, ge=1, le=64)
     """Most drafted tokens verified in one target forward."""
     ngram_max: int = Field(3, ge=1, le=16)
@@ -26,8 +35,20 @@ class SpeculativeSettings(PluginSettings):
     kept in between. The default is what a forward over 2-8 tokens costs in one-token steps for the default
     model on 2 cores (README)."""
 
+    @field_validator("draft_run")
+    @classmethod
+    def _a_run_directory(cls, path: Path | None) -> Path | None:
+        from .draft_run import check_run_directory
+
+        return None if path is None else check_run_directory(path)
+
     @model_validator(mode="after")
-    def _ngram_range(self):
+    def _consistent(self):
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
+        if self.drafter == "model" and self.draft_run is None:
+            raise ValueError("drafter 'model' needs speculative.draft_run (the run directory of the draft model)")
+        if self.drafter == "lookup" and self.draft_run is not None:
+            raise ValueError("draft_run is set but drafter is 'lookup', which would not use it; "
+                             "set drafter to 'model' or 'auto'")
         return self

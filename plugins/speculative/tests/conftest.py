@@ -42,6 +42,12 @@ def tiny_model(kind: str, vocab_size: int, seed: int = 0, std: float = WEIGHT_ST
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def make_tiny_model():
+    """tiny_model(kind, vocab_size, seed=0, std=0.1), for a test that needs a second model."""
+    return tiny_model
+
+
 @pytest.fixture(scope="session", params=["builtin", "llama"])
 def model(request, tokenizer):
     return tiny_model(request.param, tokenizer.vocab_size)
@@ -50,7 +56,7 @@ def model(request, tokenizer):
 @pytest.fixture(scope="session")
 def small_model():
     """A built-in model over 6 tokens whose next-token distributions are uneven but far from one-hot, so
-    every continuation of 3 tokens can be counted (216 cells)."""
+    every continuation of 4 tokens can be counted (1296 cells)."""
     return tiny_model("builtin", 6, seed=1, std=0.4)
 
 

@@ -19,7 +19,7 @@ def plain(input_ids, max_new_tokens, **sampling):
 
 def test_on_infer_generates_what_plain_greedy_does_and_records_acceptance(model, prompt_suite):
     plugin, record = SpeculativePlugin(SpeculativeSettings(max_draft=6)), RecordedEvents()
-    speculative = plugin.on_infer(generate=plain, model=model, record=record)
+    speculative = plugin.on_infer(generate=plain, model=model, tokenizer=None, record=record)
     steps: list[int] = []
     for prompt in prompt_suite[:3]:
         out = speculative(prompt, 20, temperature=0.0, top_k=0, top_p=1.0, eos_token_id=None, generator=None,
@@ -38,9 +38,9 @@ def test_on_infer_generates_what_plain_greedy_does_and_records_acceptance(model,
 def test_disabled_or_another_model_leaves_generation_alone(model):
     record = RecordedEvents()
     assert SpeculativePlugin(SpeculativeSettings(enabled=False)).on_infer(generate=plain, model=model,
-                                                                          record=record) is None
+                                                                          tokenizer=None, record=record) is None
     other_model = InferencePath(plain, logits=lambda ids: None)
-    assert SpeculativePlugin().on_infer(generate=other_model, model=model, record=record) is None
+    assert SpeculativePlugin().on_infer(generate=other_model, model=model, tokenizer=None, record=record) is None
     assert len(record.named("speculation_off")) == 2
 
 
