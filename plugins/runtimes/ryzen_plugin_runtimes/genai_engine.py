@@ -32,12 +32,16 @@ def missing() -> str | None:
 
 
 def export(source: Path, out_dir: Path, precision: str, details: dict[str, Any], block_size: int = 32,
-           model: Any = None) -> Path:
+           model: Any = None, ryzen_graph: bool = False) -> Path:
     """Run the builder (in its own process: it imports its own torch/transformers state) on `source`.
-    A model the builder cannot write (the built-in one, a GPT-2 for it) gets the onnx plugin's fused
-    graph instead, which onnxruntime-genai runs as it is: the same contrib ops, names and genai_config."""
+    With `ryzen_graph`, or for a model the builder cannot write (the built-in one, a GPT-2 for it), the
+    onnx plugin's fused graph instead, which onnxruntime-genai runs as it is: the same contrib ops,
+    names and genai_config."""
     model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type not in BUILDER_ARCHITECTURES:
+    if ryzen_graph and model_type not in BUILDER_ARCHITECTURES:
+        raise EngineSkipped(f"the same graph as genai-{precision}: the builder has no {model_type!r}, so that "
+                            "export already runs the onnx plugin's graph")
+    if ryzen_graph or model_type not in BUILDER_ARCHITECTURES:
         if model is None:
             raise EngineSkipped(f"onnxruntime-genai's model builder does not build {model_type!r} models "
                                 f"(built here: {', '.join(BUILDER_ARCHITECTURES)})")
@@ -45,8 +49,9 @@ def export(source: Path, out_dir: Path, precision: str, details: dict[str, Any],
         for name in ("tokenizer.json", "tokenizer_config.json"):  # genai's tokenizer reads them from the model
             if (source / name).is_file():
                 shutil.copy2(source / name, out_dir / name)
-        write_manifest(out_dir, ENGINE, precision, block_size=block_size, graph="ryzen fused graph (onnx plugin): "
-                       f"onnxruntime-genai's builder has no {model_type!r}", **details)
+        why = "asked for" if ryzen_graph else f"onnxruntime-genai's builder has no {model_type!r}"
+        write_manifest(out_dir, ENGINE, precision, block_size=block_size,
+                       graph=f"ryzen fused graph (onnx plugin): {why}", **details)
         return out_dir
     with tempfile.TemporaryDirectory(prefix="genai-builder-") as cache:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out_dir),

@@ -24,6 +24,7 @@ BACKEND_CLASSES = {"ctranslate2": "CTranslate2Backend", "llamacpp": "LlamaCppBac
                    "openvino": "OpenVinoBackend", "genai": "GenaiBackend"}
 SOURCE_DIR = ".runtimes-hf-source"  # hidden: a work directory, not an export to validate
 SOURCE_MARKER = ".ryzen-runtimes-source"
+RYZEN_GRAPH = "ryzen-"  # precision prefix: onnxruntime-genai running the onnx plugin's graph
 Engine = Literal["ctranslate2", "llamacpp", "openvino", "genai"]
 
 
@@ -38,6 +39,9 @@ class RuntimesSettings(PluginSettings):
     """OpenVINO weight types (int8/int4 through nncf's weight compression)."""
     genai: list[Literal["fp32", "int8", "int4"]] = ["int8", "int4"]
     """onnxruntime-genai model-builder precisions (weight-only MatMulNBits for int8/int4)."""
+    genai_graphs: list[Literal["builder", "ryzen"]] = ["builder"]
+    """Graphs onnxruntime-genai runs: its model builder's (`genai-<precision>`) and/or the onnx plugin's
+    fused graph (`genai-ryzen-<precision>`). Both side by side separate the graph from the decode loop."""
     block_size: int = Field(32, ge=16, le=256)
     """Weights per quantization block for onnxruntime-genai int4 and OpenVINO int4 (a power of two)."""
     parity_tokens: int = Field(32, ge=2)
@@ -55,8 +59,15 @@ class RuntimesSettings(PluginSettings):
         return value
 
     def wanted(self) -> list[tuple[str, str]]:
-        return [(engine, precision) for engine in dict.fromkeys(self.engines)
-                for precision in dict.fromkeys(getattr(self, engine))]
+        """(engine, precision) pairs; the genai runs of the onnx plugin's graph as precision 'ryzen-<p>'."""
+        pairs = []
+        for engine in dict.fromkeys(self.engines):
+            for precision in dict.fromkeys(getattr(self, engine)):
+                if engine != "genai" or "builder" in self.genai_graphs:
+                    pairs.append((engine, precision))
+                if engine == "genai" and "ryzen" in self.genai_graphs:
+                    pairs.append((engine, f"{RYZEN_GRAPH}{precision}"))
+        return pairs
 
 
 def engine_module(engine: str):
@@ -119,7 +130,8 @@ def export_all(model: Any, tokenizer: Any, export_dir: str | Path, settings: Run
         try:
             out_dir = build_export(engine, precision, source, export_dir, {**manifest_details, "name": name}, settings,
                                    model)
-            checks = check_export(out_dir, precision, model, tokenizer, parity_ids, settings)
+            checks = check_export(out_dir, precision.removeprefix(RYZEN_GRAPH), model, tokenizer, parity_ids,
+                                  settings)
         except EngineSkipped as exc:
             skip(name, str(exc))
             continue
@@ -153,7 +165,8 @@ def build_export(engine: str, precision: str, source: Path, export_dir: Path, de
         if engine == "openvino":
             module.export(export_dir, out_dir, precision, details, block_size=settings.block_size)
         elif engine == "genai":
-            module.export(source, out_dir, precision, details, block_size=settings.block_size, model=model)
+            module.export(source, out_dir, precision.removeprefix(RYZEN_GRAPH), details,
+                          block_size=settings.block_size, model=model, ryzen_graph=precision.startswith(RYZEN_GRAPH))
         else:
             module.export(source, out_dir, precision, details)
     except EngineSkipped:

@@ -77,3 +77,20 @@ def test_sampling_repeats_for_the_same_seed(exported, prompts):
 
     first = sample(5)
     assert torch.equal(first, sample(5)) and first.shape == (2, prompts.shape[1] + 8)
+
+
+def test_genai_runs_the_onnx_plugins_graph_of_a_llama_beside_its_own(llama_model, tokenizer, tmp_path, follows_torch):
+    """genai_graphs: [builder, ryzen] gives both graphs of one Llama, so their rows separate graph from loop."""
+    settings = RuntimesSettings(engines=["genai"], genai=["fp32"], genai_graphs=["builder", "ryzen"])
+    result = export_all(llama_model, tokenizer, tmp_path, settings)
+    assert sorted(result.exports) == ["genai-fp32", "genai-ryzen-fp32"] and result.details["skipped"] == {}
+    ours = load_backend(result.exports["genai-ryzen-fp32"])
+    assert ours.name == "genai-ryzen-fp32" and ours.precision == "fp32"
+    follows_torch(ours, llama_model, atol=1e-3)
+
+
+def test_a_builtin_model_gets_no_second_copy_of_the_same_graph(builtin_model, tokenizer, tmp_path):
+    settings = RuntimesSettings(engines=["genai"], genai=["fp32"], genai_graphs=["builder", "ryzen"])
+    result = export_all(builtin_model, tokenizer, tmp_path, settings)
+    assert list(result.exports) == ["genai-fp32"]
+    assert "same graph" in result.details["skipped"]["genai-ryzen-fp32"]

@@ -28,6 +28,9 @@ def test_plugin_is_installed():
 def test_settings_choose_engines_and_precisions():
     settings = RuntimesSettings(engines=["ctranslate2", "genai", "ctranslate2"], ctranslate2=["int8"], genai=["int4"])
     assert settings.wanted() == [("ctranslate2", "int8"), ("genai", "int4")]
+    both = RuntimesSettings(engines=["genai"], genai=["int8"], genai_graphs=["builder", "ryzen"])
+    assert both.wanted() == [("genai", "int8"), ("genai", "ryzen-int8")]
+    assert RuntimesSettings(engines=["genai"], genai=["fp32"], genai_graphs=["ryzen"]).wanted() == [("genai", "ryzen-fp32")]
     with pytest.raises(ValidationError, match="power of two"):
         RuntimesSettings(block_size=48)
     with pytest.raises(ValidationError):
