@@ -1,11 +1,21 @@
 """One tiny `ryzen train` run for the whole session: every test serves its model."""
 from __future__ import annotations
 
+import click
 import pytest
 import torch
+from click.testing import CliRunner
 
 from ryzen_core import context_length, generate, load_trained_model
 from ryzen_core.testing import make_config, make_host, train_run_tiny
+from ryzen_plugin_serve import plugin
+
+
+@pytest.fixture(autouse=True)
+def _tiny_models_on_one_thread(one_torch_thread):
+    """The tiny model decodes on one torch thread here, as the server processes the tests start do
+    (`--threads 1`): on a busy machine a second thread spins and waits (100 three-token requests took
+    30 s of server CPU on two threads against 0.3 s on one)."""
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +42,23 @@ def greedy(loaded):
         return out[:out.index(tokenizer.eos_id)] if tokenizer.eos_id in out else out
 
     return run
+
+
+def command_group() -> click.Group:
+    """A group shaped like the core's `ryzen` (with a `bench` group) that only this plugin's commands join."""
+    @click.group()
+    def cli():
+        pass
+
+    @cli.group("bench")
+    def bench():
+        pass
+
+    plugin.register_commands(cli)
+    return cli
+
+
+@pytest.fixture
+def ryzen():
+    """ryzen(*args): `ryzen ARGS` in this process, with the serve plugin's commands -> click Result."""
+    return lambda *args: CliRunner().invoke(command_group(), list(args))

@@ -3,52 +3,25 @@
 finishes, the process exits 0."""
 from __future__ import annotations
 
-import os
+import json
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 from openai import OpenAI
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ryzen_plugin_serve.server_process import ServerProcess
 
 
 @pytest.fixture
-def server(trained_run, ryzen_cache_dir):
-    port = free_port()
-    env = {**os.environ, "RYZEN_CACHE_DIR": str(ryzen_cache_dir)}
-    process = subprocess.Popen([sys.executable, "-m", "ryzen_core.cli", "serve", str(trained_run), "--port", str(port),
-                                "--model-name", "tiny", "--shutdown-deadline", "60"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while process.poll() is None:  # no deadline here: a loaded machine is slow, not broken
-            try:
-                urllib.request.urlopen(f"{url}/health").close()  # raises HTTPError (a URLError) on 503
-                break
-            except (urllib.error.URLError, ConnectionError):  # not listening yet, or 503 while warming up
-                pass
-            time.sleep(0.2)
-        assert process.poll() is None, process.stdout.read()
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+def server(trained_run, tmp_path):
+    log = tmp_path / "server.log"
+    with ServerProcess(trained_run, ["--model-name", "tiny", "--shutdown-deadline", "60", "--threads", "1"], log) as server:
+        yield server.process, server.url, log
 
 
 def test_the_openai_client_works_unchanged_then_sigterm_finishes_the_stream_and_exits_0(server, loaded, greedy):
-    process, url = server
+    process, url, log = server
     tokenizer = loaded[1]
     client = OpenAI(base_url=f"{url}/v1", api_key="x")
     plain = client.completions.create(model="tiny", prompt="def ", max_tokens=8, temperature=0)
@@ -72,6 +45,17 @@ def test_the_openai_client_works_unchanged_then_sigterm_finishes_the_stream_and_
     assert first_chunk.wait(timeout=600)
     process.send_signal(signal.SIGTERM)
     reader.join(timeout=600)
-    assert process.wait(timeout=600) == 0, process.stdout.read()
+    assert process.wait(timeout=600) == 0, log.read_text()
     assert pieces[-1] is None
     assert "".join(pieces[:-1]) == tokenizer.decode(greedy("import os\n", 40))
+
+
+def test_bench_serve_given_the_url_of_a_running_server_loads_it_and_reports_without_a_baseline(server, ryzen, tmp_path):
+    _, url, _ = server
+    result = ryzen("bench", "serve", url, "--rate", "20", "--requests", "6", "--rounds", "1", "--max-tokens", "3",
+                   "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench_serve.json").read_text())
+    assert report["model"] == "tiny" and list(report["servers"]) == ["server"]
+    (level,) = report["levels"]
+    assert level["servers"]["server"]["completed"] == 6 and "ratio" not in level
