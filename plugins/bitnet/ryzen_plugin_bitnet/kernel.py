@@ -1,14 +1,18 @@
-"""Ternary inference from the packed weights: unpack to int8 once at load, int8 x int8 -> int32 per step.
+"""Ternary inference from the packed weights: a layer that multiplies int8 activations by ternary weights.
 
 Per layer and token: the same RMSNorm and absmax int8 quantizer as training (`quant.py`), then the
 integer product `acc = q @ t^T` (exact: |acc| <= 128 * in_features, far inside int32), then
 `y = acc * step * scale`. `acc` is the fake-quant forward's integer grid, exactly; only the final
 float rescale differs from training's `(q * step) @ (t * scale)^T` by rounding.
 
-The product is `torch._int_mm` (oneDNN/fbgemm int8 GEMM; VNNI where the CPU has it). Each layer
-checks once at load that it runs for this shape and equals the exact product, else it uses an int32
-matmul (slower, same integers) and says so in `kernel`. There is no hand-written C++/AVX-512 kernel:
-the 2-bit codes are not read at decode time, the int8 copy is (1 byte per weight).
+Two implementations of the product, chosen per layer (`kernel`):
+
+- `cpp-vnni` / `cpp-avx2` / `cpp-scalar` (cpp_kernel.py): the whole layer in one C++ call that reads
+  the 2-bit codes, for up to `MAX_CPP_ROWS` rows (decode, small batches). Above that (prefill,
+  perplexity over whole sequences) the layer unpacks an int8 copy on first use and runs torch's.
+- `int_mm` (`torch._int_mm`, oneDNN int8 GEMM) on an int8 copy of the weights, or `int32` (an int32
+  matmul) where `_int_mm` is not exact for the shape: the fallback when the C++ kernel cannot be
+  built, or when asked for.
 """
 from __future__ import annotations
 
@@ -17,10 +21,15 @@ import copy
 import torch
 import torch.nn as nn
 
+from . import cpp_kernel
 from .packed import load_packed
 from .quant import BitLinear, quantizable_linears, quantized_input, replace_module, ternary_weights
 
-KERNELS = ("int_mm", "int32")
+TORCH_KERNELS = ("int_mm", "int32")
+CPP_KERNELS = tuple(cpp_kernel.ISA_NAMES.values())
+MAX_CPP_ROWS = 16
+"""Rows (tokens) up to which the C++ kernel runs; above, the torch int8 GEMM, which was faster from 64
+rows on when measured (benchmarks/bench_kernel.py)."""
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -43,44 +52,115 @@ def int_mm_works(t: torch.Tensor) -> bool:
     return True
 
 
+def cpp_kernel_name(requested: str) -> str:
+    """`cpp` -> the fastest C++ kernel this CPU runs; a named one is checked. Raises KernelUnavailable."""
+    status = cpp_kernel.load()
+    if not status.available:
+        raise cpp_kernel.KernelUnavailable(f"the C++ ternary kernel is unavailable: {status.reason}")
+    if requested == "cpp":
+        return status.name
+    if requested not in [cpp_kernel.ISA_NAMES[isa] for isa in cpp_kernel.usable_isas()]:
+        raise cpp_kernel.KernelUnavailable(f"this CPU cannot run the {requested} kernel (best: {status.name})")
+    return requested
+
+
 class TernaryLinear(nn.Module):
-    """A BitLinear for inference: int8 ternary weights [out, in], fp32 scale, integer product."""
+    """A BitLinear for inference: ternary weights, fp32 scale, integer product.
+
+    `kernel`: None (the C++ kernel where it builds, else torch's), `cpp` (the C++ kernel or an error),
+    `torch` (int_mm where it is exact, else int32), or one of CPP_KERNELS + TORCH_KERNELS by name.
+    A C++ layer keeps only the blocked 2-bit codes as its buffer (what decode reads); a torch layer
+    keeps the int8 weights."""
 
     def __init__(self, t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                  input_norm: bool = True, kernel: str | None = None):
         super().__init__()
         if t.dtype != torch.int8 or t.dim() != 2:
             raise ValueError(f"ternary weights must be a 2-d int8 tensor, got {t.dtype} {tuple(t.shape)}")
+        if kernel is not None and kernel not in ("cpp", "torch", *CPP_KERNELS, *TORCH_KERNELS):
+            raise ValueError(f"kernel must be cpp, torch, one of {CPP_KERNELS + TORCH_KERNELS} or None, "
+                             f"not {kernel!r}")
         self.out_features, self.in_features = t.shape
-        self.register_buffer("ternary", t.contiguous())
         self.register_buffer("scale", scale.reshape(()).float())
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.input_norm = input_norm
-        self.kernel = kernel if kernel is not None else "int_mm" if int_mm_works(self.ternary) else "int32"
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, not {self.kernel!r}")
+        self.input_norm, self.fallback_reason, self.int8_copy = input_norm, None, None
+        self.kernel = self._choose_kernel(kernel)
+        self.register_buffer("codes" if self.cpp else "ternary",
+                             cpp_kernel.block_codes(t) if self.cpp else t.contiguous())
+        self.scale_value, self.isa = float(self.scale), cpp_kernel.ISA_BY_NAME.get(self.kernel)
+        if not self.cpp and self.kernel not in TORCH_KERNELS:
+            self.kernel = "int_mm" if int_mm_works(self.ternary) else "int32"
+
+    def _choose_kernel(self, kernel: str | None) -> str | None:
+        """The C++ kernel's name, a torch kernel's, or None (a torch kernel, chosen once the weights are in)."""
+        if kernel in TORCH_KERNELS:
+            return kernel
+        if kernel == "torch":
+            return None
+        try:
+            return cpp_kernel_name(kernel or "cpp")
+        except cpp_kernel.KernelUnavailable as exc:
+            if kernel is not None:
+                raise
+            self.fallback_reason = str(exc)
+            return None
+
+    @property
+    def cpp(self) -> bool:
+        return self.kernel in CPP_KERNELS
+
+    def _torch_weights(self) -> tuple[torch.Tensor, str]:
+        """The int8 weights [out, in] and the torch kernel for them (a C++ layer unpacks them once)."""
+        if not self.cpp:
+            return self.ternary, self.kernel
+        if self.int8_copy is None:
+            t = cpp_kernel.unblock_codes(self.codes, self.in_features)
+            self.int8_copy = (t, "int_mm" if int_mm_works(t) else "int32")
+        return self.int8_copy
 
     def integer_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(acc int32 [M, out], step [M, 1]) for x [..., in] flattened to M rows."""
-        q, step = quantized_input(x.reshape(-1, self.in_features).float(), self.input_norm)
-        return int8_matmul(q.to(torch.int8), self.ternary.t(), self.kernel), step
+        x = x.reshape(-1, self.in_features).float()
+        if self.cpp and x.shape[0] <= MAX_CPP_ROWS:
+            return cpp_kernel.integer_forward(x.contiguous(), self.codes, self.input_norm, self.isa)
+        q, step = quantized_input(x, self.input_norm)
+        t, kernel = self._torch_weights()
+        return int8_matmul(q.to(torch.int8), t.t(), kernel), step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acc, step = self.integer_forward(x)
-        y = acc.float() * (step * self.scale)
-        if self.bias is not None:
-            y = y + self.bias
+        rows = x.numel() // self.in_features
+        if self.cpp and rows <= MAX_CPP_ROWS:
+            flat = x.reshape(rows, self.in_features).float().contiguous()
+            y = cpp_kernel.linear(flat, self.codes, self.scale_value, self.bias, self.input_norm, self.isa)
+        else:
+            acc, step = self.integer_forward(x)
+            y = acc.float() * (step * self.scale)
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
-def ternary_model(model: nn.Module, packed: dict | None = None, input_norm: bool = True) -> nn.Module:
+def kernel_description(model: nn.Module) -> str:
+    """What the model's ternary layers run, for reports: `cpp-vnni (...)`, or `torch-int8 fallback (reason)`."""
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    kernels = sorted({m.kernel for m in layers})
+    if layers and all(m.cpp for m in layers):
+        return f"{', '.join(kernels)} (up to {MAX_CPP_ROWS} rows; torch int8 above)"
+    reasons = sorted({m.fallback_reason for m in layers if m.fallback_reason})
+    why = f"fallback ({'; '.join(reasons)})" if reasons else "(asked for)"
+    return f"torch-int8 {why}: {', '.join(kernels)}"
+
+
+def ternary_model(model: nn.Module, packed: dict | None = None, input_norm: bool = True,
+                  kernel: str | None = None) -> nn.Module:
     """A copy of `model` (BitLinear or plain Linear layers) with each quantized layer a TernaryLinear.
 
     With `packed` (from `load_packed`) the weights come from it, after checking they are exactly the
-    quantization of the model's own weights (a stale file is an error, not a silent other model)."""
+    quantization of the model's own weights (a stale file is an error, not a silent other model).
+    `kernel` as TernaryLinear's."""
     copied = copy.deepcopy(model).eval()
     names = quantizable_linears(copied)
     if packed is not None and set(packed) != set(names):
@@ -94,9 +174,9 @@ def ternary_model(model: nn.Module, packed: dict | None = None, input_norm: bool
             if not (torch.equal(t_packed, t.to(torch.int8)) and torch.equal(scale_packed.reshape(()), scale)):
                 raise ValueError(f"packed weights of {name} are not the quantized weights of this model")
         norm = layer.input_norm if isinstance(layer, BitLinear) else input_norm
-        replace_module(copied, name, TernaryLinear(t.to(torch.int8), scale, bias, norm))
+        replace_module(copied, name, TernaryLinear(t.to(torch.int8), scale, bias, norm, kernel))
     return copied
 
 
-def load_ternary_model(model: nn.Module, path, input_norm: bool = True) -> nn.Module:
-    return ternary_model(model, load_packed(path), input_norm)
+def load_ternary_model(model: nn.Module, path, input_norm: bool = True, kernel: str | None = None) -> nn.Module:
+    return ternary_model(model, load_packed(path), input_norm, kernel)

@@ -5,8 +5,9 @@ on_train_start      scales the peak learning rate and sets the weight decay of t
 on_train_batch_end  turns weight decay off after `decay_until` of the step budget, if asked;
 on_train_end        writes the packed ternary weights next to the checkpoint, reads them back to check
                     they are bit-exact, and reports bytes per format;
-on_infer            generates with the ternary model read from the packed file (int8 kernel), or with
-                    the fake-quant BitLinear model, so the validator measures what BitNet runs.
+on_infer            generates with the ternary model read from the packed file (the C++ 2-bit kernel,
+                    or torch's int8 one where it cannot be built), or with the fake-quant BitLinear
+                    model, so the validator measures what BitNet runs.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ryzen_core import InferencePath, Plugin, PluginSettings, ReportSection, hookimpl, lm_logits, markdown_table
+from ryzen_core import (InferencePath, Plugin, PluginError, PluginSettings, ReportSection, hookimpl, lm_logits,
+                        markdown_table)
 from ryzen_core import generate as torch_generate
 
-from .kernel import ternary_model
+from .cpp_kernel import KernelUnavailable
+from .kernel import kernel_description, ternary_model
 from .packed import FILE_NAME, load_packed, save_packed
 from .quant import BitLinear, quantizable_linears, swap_in_bitlinear
 
@@ -38,7 +41,10 @@ class BitNetSettings(PluginSettings):
     pack: bool = True
     """Write ternary.safetensors (2 bits per weight) into the variant directory at the end of training."""
     inference: Literal["ternary", "fake-quant"] = "ternary"
-    """What the validator runs: the int8 kernel on the packed weights, or the training forward's fake quantization."""
+    """What the validator runs: the ternary kernel on the packed weights, or training's fake quantization."""
+    kernel: Literal["auto", "cpp", "torch"] = "auto"
+    """The ternary product: the C++ 2-bit kernel where it builds, else torch's int8 one (`auto`); only the C++
+    one (an error where it cannot be built); or only torch's int8 one."""
 
 
 class ModelPath:
@@ -71,7 +77,7 @@ def bytes_table(stats: dict) -> str:
     weights = stats["weights"]
     rows = [["fp32 (training's latent weights)", stats["fp32_bytes"], 32.0],
             ["bf16", stats["bf16_bytes"], 16.0],
-            ["int8 ternary (what the kernel reads per step)", weights, 8.0],
+            ["int8 ternary (what the torch int8 fallback reads per step)", weights, 8.0],
             ["packed 2-bit + fp32 scale (ternary.safetensors tensors)", stats["packed_bytes"],
              8 * stats["packed_bytes"] / weights]]
     return markdown_table(["format", "bytes", "bits/weight"],
@@ -139,7 +145,7 @@ class BitNetPlugin(Plugin):
     def _round_trip_exact(model, path) -> bool:
         loaded = load_packed(path)
         try:
-            ternary_model(model, loaded)  # raises when any layer's integers or scale differ
+            ternary_model(model, loaded, kernel="int32")  # raises when any layer's integers or scale differ
         except ValueError:
             return False
         return set(loaded) == set(quantizable_linears(model))
@@ -154,14 +160,20 @@ class BitNetPlugin(Plugin):
             return path
         file = None if context is None else context.variant_dir / FILE_NAME
         packed = load_packed(file) if file is not None and file.is_file() else None
-        ternary = ModelPath(ternary_model(model, packed, self.input_norm))
+        kernel = None if self.settings.kernel == "auto" else self.settings.kernel
+        try:
+            ternary = ModelPath(ternary_model(model, packed, self.input_norm, kernel))
+        except KernelUnavailable as exc:
+            raise PluginError(f"bitnet.kernel=cpp: {exc}") from None
         kernels = sorted({m.kernel for m in ternary.model.modules() if hasattr(m, "kernel")})
+        description = kernel_description(ternary.model)
         path = InferencePath(ternary.generate, logits=ternary.logits)
         path.precision, path.weight_bytes = "ternary", decode_weight_bytes(ternary.model)
-        record("inference", path="ternary", kernels=kernels, weight_bytes=path.weight_bytes,
+        path.kernel = description
+        record("inference", path="ternary", kernel=description, kernels=kernels, weight_bytes=path.weight_bytes,
                weights_from=str(file) if packed is not None else "quantized from the model (no packed file)",
                note="replaces generation with the ternary model")
-        log.info("bitnet: generating with the ternary int8 kernel (%s), weights from %s", ", ".join(kernels),
+        log.info("bitnet: generating with the ternary model, kernel: %s; weights from %s", description,
                  file if packed is not None else "the model")
         return path
 

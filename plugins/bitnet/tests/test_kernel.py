@@ -1,14 +1,18 @@
-"""The ternary kernel: its int32 accumulators are exactly the fake-quant reference's integer products,
-on random shapes (odd sizes, batch 1), with torch._int_mm and with the int32 fallback; whole models
-built from the packed file give the fake-quant model's logits."""
+"""The ternary layer: its int32 accumulators are exactly the fake-quant reference's integer products,
+on random shapes (odd sizes, batch 1), with the C++ kernel, torch._int_mm and the int32 matmul; whole
+models built from the packed file give the fake-quant model's logits. test_cpp_kernel.py tests the C++
+kernel itself."""
 import pytest
 import torch
 
 from ryzen_core import Transformer, TransformerConfig, generate, hf_model_from_config, lm_logits, tiny_llama_config
+from ryzen_plugin_bitnet import cpp_kernel
 from ryzen_plugin_bitnet.kernel import TernaryLinear, int8_matmul, load_ternary_model, ternary_model
 from ryzen_plugin_bitnet.packed import save_packed
 from ryzen_plugin_bitnet.quant import BitLinear, quantized_input, swap_in_bitlinear, ternary_weights
 
+needs_compiler = pytest.mark.skipif(cpp_kernel.compiler() is None, reason="no C++ compiler (set CXX or install g++)")
+KERNELS = ["int_mm", "int32", pytest.param("cpp", marks=needs_compiler)]
 SHAPES = [(1, 1, 7, 5), (1, 1, 256, 768), (1, 3, 33, 17), (3, 5, 64, 130), (2, 17, 129, 31), (4, 9, 512, 256)]
 
 
@@ -17,7 +21,7 @@ def bitlinear(in_features, out_features, seed):
     return BitLinear.from_linear(torch.nn.Linear(in_features, out_features, bias=False))
 
 
-@pytest.mark.parametrize("kernel", ["int_mm", "int32"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("batch,seq,in_features,out_features", SHAPES)
 def test_integer_results_equal_the_fake_quant_reference_exactly(kernel, batch, seq, in_features, out_features):
     reference = bitlinear(in_features, out_features, seed=in_features)
@@ -30,14 +34,15 @@ def test_integer_results_equal_the_fake_quant_reference_exactly(kernel, batch, s
     q, ref_step = quantized_input(x, True)
     exact = q.reshape(-1, in_features).double() @ t.double().T  # exact: every product and sum is a small integer
     assert acc.dtype == torch.int32 and torch.equal(acc.double(), exact)
-    assert torch.equal(step, ref_step.reshape(-1, 1))
+    torch.testing.assert_close(step, ref_step.reshape(-1, 1), rtol=0 if kernel != "cpp" else 3e-7, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
 def test_the_int_mm_kernel_is_chosen_where_it_runs_and_the_fallback_gives_the_same_result():
     t, scale = ternary_weights(torch.randn(31, 45))
-    fast, slow = TernaryLinear(t.to(torch.int8), scale), TernaryLinear(t.to(torch.int8), scale, kernel="int32")
+    fast = TernaryLinear(t.to(torch.int8), scale, kernel="torch")
+    slow = TernaryLinear(t.to(torch.int8), scale, kernel="int32")
     assert fast.kernel == "int_mm"  # torch 2.13 on CPU multiplies any shape, batch 1 included
     x = torch.randn(1, 45)
     assert torch.equal(fast(x), slow(x))
