@@ -50,7 +50,7 @@ def _i64(*values: int):
 
 
 @dataclass(frozen=True)
-class Shape:
+class AttentionShape:
     """What the attention of every layer needs to know."""
 
     heads: int
@@ -144,7 +144,7 @@ def rotary_tables(inputs: Inputs, inv_freq: np.ndarray, scaling: float) -> tuple
     return cos, sin
 
 
-def apply_rotary(x: Any, cos: Any, sin: Any, head_dim: int) -> Any:
+def apply_rotary(x: Any, cos: Any, sin: Any) -> Any:
     """x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1] (HF Llama's convention, not interleaved)."""
     ops = _ops()
     first, second = ops.split(x, ops.constant(np.int64(-1)), 2).outputs()
@@ -152,15 +152,16 @@ def apply_rotary(x: Any, cos: Any, sin: Any, head_dim: int) -> Any:
     return ops.add(ops.multiply(x, cos), ops.multiply(rotated, sin))
 
 
-def cached(inputs: Inputs, new: Any, name: str, shape: Shape) -> tuple[Any, Any]:
+def cached(inputs: Inputs, new: Any, name: str, shape: AttentionShape) -> tuple[Any, Any]:
     """The cache variable `name` with `new` [B, kv_heads, L, D] appended: (past + new, its Assign)."""
+    from openvino import PartialShape, Type
     from openvino.op import assign
     from openvino.op.util import Variable, VariableInfo
 
     ops = _ops()
     info = VariableInfo()
-    info.variable_id, info.data_type = name, ops.constant(np.float32(0)).get_element_type()
-    info.data_shape = ops.parameter([-1, shape.kv_heads, -1, shape.head_dim], np.float32).get_partial_shape()
+    info.variable_id, info.data_type = name, Type.f32
+    info.data_shape = PartialShape([-1, shape.kv_heads, -1, shape.head_dim])
     variable = Variable(info)
     empty_shape = ops.concat([inputs.batch, _i64(shape.kv_heads, 0, shape.head_dim)], 0)
     empty = ops.broadcast(ops.constant(np.float32(0)), empty_shape)
@@ -169,7 +170,7 @@ def cached(inputs: Inputs, new: Any, name: str, shape: Shape) -> tuple[Any, Any]
     return whole, assign(whole, variable)
 
 
-def repeat_kv(kv: Any, shape: Shape) -> Any:
+def repeat_kv(kv: Any, shape: AttentionShape) -> Any:
     """[B, kv_heads, S, D] -> [B, heads, S, D], each kv head serving heads / kv_heads query heads."""
     if shape.heads == shape.kv_heads:
         return kv
@@ -179,7 +180,7 @@ def repeat_kv(kv: Any, shape: Shape) -> Any:
     return ops.reshape(spread, _i64(0, shape.heads, -1, shape.head_dim), True)
 
 
-def attention(inputs: Inputs, qkv: Any, layer: int, shape: Shape, sinks: list,
+def attention(inputs: Inputs, qkv: Any, layer: int, shape: AttentionShape, sinks: list,
               rotary: tuple[Any, Any] | None) -> Any:
     """Self-attention of one layer from its fused qkv projection [B, L, (heads + 2 kv_heads) * D]; returns
     [B, L, heads * D] and appends the layer's two Assigns to `sinks`."""
@@ -189,7 +190,7 @@ def attention(inputs: Inputs, qkv: Any, layer: int, shape: Shape, sinks: list,
     q, k, v = heads_first(q, shape.heads, shape.head_dim), *(heads_first(t, shape.kv_heads, shape.head_dim)
                                                                for t in (k, v))
     if rotary is not None:
-        q, k = (apply_rotary(t, *rotary, shape.head_dim) for t in (q, k))
+        q, k = (apply_rotary(t, *rotary) for t in (q, k))
     keys, assign_k = cached(inputs, k, f"past_key_values.{layer}.key", shape)
     values, assign_v = cached(inputs, v, f"past_key_values.{layer}.value", shape)
     sinks += [assign_k, assign_v]
@@ -217,7 +218,7 @@ def build_gpt2(model: Any):
         raise EngineSkipped(f"GPT-2 activation {config.activation_function!r} is not written by the builder")
     ops = _ops()
     heads = config.n_head
-    shape = Shape(heads, heads, config.n_embd // heads)
+    shape = AttentionShape(heads, heads, config.n_embd // heads)
     body, inputs, sinks = model.transformer, Inputs.create(), []
     tokens = ops.gather(ops.constant(_f32(body.wte.weight)), inputs.input_ids, ops.constant(np.int64(0)))
     positions = ops.gather(ops.constant(_f32(body.wpe.weight)), inputs.position_ids, ops.constant(np.int64(0)))
@@ -248,7 +249,7 @@ def build_llama(model: Any):
     ops = _ops()
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    shape = Shape(heads, config.num_key_value_heads or heads, head_dim)
+    shape = AttentionShape(heads, config.num_key_value_heads or heads, head_dim)
     body, inputs, sinks = model.model, Inputs.create(), []
     rotary_emb = body.rotary_emb
     inv_freq = rotary_emb.inv_freq.detach().to(torch.float32).cpu().numpy()

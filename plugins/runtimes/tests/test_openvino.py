@@ -20,7 +20,8 @@ NNCF_MISSING = importlib.util.find_spec("nncf") is None
 @pytest.fixture(scope="module", params=["builtin", "llama"])
 def exported(request, tokenizer, tmp_path_factory):
     model = request.getfixturevalue(f"{request.param}_model")
-    return model, export_all(model, tokenizer, tmp_path_factory.mktemp("export"), RuntimesSettings(engines=["openvino"]))
+    settings = RuntimesSettings(engines=["openvino"])
+    return model, export_all(model, tokenizer, tmp_path_factory.mktemp("export"), settings)
 
 
 def token_rows(tokenizer, batch: int, length: int) -> torch.Tensor:
