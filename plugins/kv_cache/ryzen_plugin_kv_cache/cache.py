@@ -1,10 +1,17 @@
 """A KV cache whose older tokens are stored quantized (KIVI layout) and whose newest stay in fp32.
 
-Per layer: keys are quantized per channel — each group of `group_size` tokens gets one scale per channel,
-stored transposed [B, heads, head_dim, tokens] so the group runs along the last dimension — because key
-outliers sit in fixed channels; values per token — one scale per `group_size` channels of each token.
-Tokens enter the fp32 residual and move to the quantized part a whole key group at a time once more than
-`residual` of them wait. Reading dequantizes the quantized part and appends the residual.
+Per layer, keys are quantized per channel — each group of `group_size` tokens gets one fp16 scale and
+minimum per channel — because key outliers sit in fixed channels; they are stored as codes
+[B, heads, groups, head_dim, group_size], so a group runs along the last dimension and a new group is
+appended along dim 2. Values are quantized per token — one fp16 scale and minimum per `value_group_size`
+channels of each token — stored as codes [B, heads, channel groups, tokens, value_group_size]. Tokens
+enter the fp32 residual and move to the quantized part a whole key group at a time, when `flush()` finds
+more than `residual` of them waiting (once per forward). Each group is quantized once and never rewritten.
+
+Reading, per layer and only while that layer's attention runs:
+- `attend` ("direct"): attention computed against the codes (attention.py); no dequantized copy exists.
+- `keys_values` ("dequantize"): the quantized part is dequantized into a scratch buffer that every layer
+  reuses, followed by the fp32 residual; HF models get these (their attention is their own).
 """
 from __future__ import annotations
 
@@ -12,22 +19,43 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import attend_fp32, attend_quantized
 from .quantize import QuantizedTensor, quantize
+
+READS = ("direct", "dequantize")
 
 
 @dataclass
 class LayerCache:
-    keys: QuantizedTensor | None  # [B, heads, head_dim, quantized tokens], groups along tokens
-    values: QuantizedTensor | None  # [B, heads, quantized tokens, head_dim], groups along channels
-    recent_keys: torch.Tensor  # [B, heads, residual tokens, head_dim], full precision
+    keys: QuantizedTensor | None  # codes [B, heads, groups, head_dim, group tokens (/2 if 4-bit)]
+    values: QuantizedTensor | None  # codes [B, heads, channel groups, tokens, group channels (/2 if 4-bit)]
+    recent_keys: torch.Tensor  # [B, heads, residual tokens, head_dim], fp32
     recent_values: torch.Tensor
 
-    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def quantized_tokens(self) -> int:
+        return 0 if self.values is None else self.values.codes.shape[3]
+
+    def __len__(self) -> int:
+        return self.quantized_tokens + self.recent_keys.shape[2]
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The quantized part as fp32 (keys, values) [B, heads, tokens, head_dim], freshly allocated."""
         if self.keys is None:
-            return self.recent_keys, self.recent_values
-        keys = self.keys.dequantize().transpose(-1, -2)
-        return (torch.cat([keys, self.recent_keys], dim=2),
-                torch.cat([self.values.dequantize(), self.recent_values], dim=2))
+            return None
+        keys = self.keys.dequantize().transpose(-1, -2).flatten(2, 3)  # groups x group tokens -> tokens
+        values = self.values.dequantize().permute(0, 1, 3, 2, 4).flatten(3)  # channel groups -> head_dim
+        return keys, values
+
+    def dequantize_into(self, scratch_keys: torch.Tensor, scratch_values: torch.Tensor) -> None:
+        """Write the quantized part, dequantized, into scratch[:, :, :quantized tokens] ([B, heads, ≥T, D])."""
+        tokens = self.quantized_tokens
+        key_view = scratch_keys[:, :, :tokens].unflatten(2, (self.keys.scale.shape[2], -1)).transpose(-1, -2)
+        torch.mul(self.keys.unpacked_codes(), self.keys.scale.float(), out=key_view)
+        key_view.add_(self.keys.minimum.float())
+        value_view = scratch_values[:, :, :tokens].unflatten(-1, (self.values.scale.shape[2], -1)).transpose(2, 3)
+        torch.mul(self.values.unpacked_codes(), self.values.scale.float(), out=value_view)
+        value_view.add_(self.values.minimum.float())
 
     @property
     def nbytes(self) -> int:
@@ -36,59 +64,115 @@ class LayerCache:
 
 
 class QuantizedKVCache:
-    """`bits` 8 or 4; `residual` None keeps everything in full precision (the reference cache)."""
+    """`bits` 8 or 4; `residual` None keeps everything in fp32 (the reference cache). `value_group_size`
+    0: one value group per head. `read`: "direct" or "dequantize" (module docstring)."""
 
-    def __init__(self, bits: int = 8, group_size: int = 32, residual: int | None = 32):
-        if group_size % 2:
-            raise ValueError(f"group_size must be even, got {group_size}")
+    def __init__(self, bits: int = 8, group_size: int = 128, residual: int | None = 0, value_group_size: int = 0,
+                 read: str = "direct"):
+        if group_size % 2 or value_group_size % 2:
+            raise ValueError(f"group sizes must be even, got {group_size} and {value_group_size}")
+        if read not in READS:
+            raise ValueError(f"read must be one of {READS}, got {read!r}")
         self.bits, self.group_size, self.residual = bits, group_size, residual
+        self.value_group_size, self.read = value_group_size, read
         self.layers: list[LayerCache] = []
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         """Tokens held."""
-        if not self.layers:
-            return 0
-        layer = self.layers[0]
-        quantized = 0 if layer.values is None else layer.values.codes.shape[2]
-        return quantized + layer.recent_keys.shape[2]
+        return len(self.layers[0]) if self.layers else 0
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensors stored: codes, fp16 scales and minima, the fp32 residual (not the scratch)."""
         return sum(layer.nbytes for layer in self.layers)
 
-    def read(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Every layer's (keys, values) [B, heads, tokens, head_dim], dequantized; None while empty."""
-        return [layer.read() for layer in self.layers] if self.layers else None
+    @property
+    def scratch_nbytes(self) -> int:
+        return 0 if self._scratch is None else sum(t.numel() * t.element_size() for t in self._scratch)
 
-    def append(self, new: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Add each layer's new (keys, values) [B, heads, new tokens, head_dim]."""
-        if not self.layers:
-            self.layers = [LayerCache(None, None, k[:, :, :0], v[:, :, :0]) for k, v in new]
-        for layer, (k, v) in zip(self.layers, new):
-            layer.recent_keys = torch.cat([layer.recent_keys, k], dim=2)
-            layer.recent_values = torch.cat([layer.recent_values, v], dim=2)
-            self._quantize_oldest(layer)
+    @property
+    def fp32_tokens(self) -> int:
+        return self.layers[0].recent_keys.shape[2] if self.layers else 0
 
-    def _quantize_oldest(self, layer: LayerCache) -> None:
+    def append(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> LayerCache:
+        """Add layer `index`'s new keys/values [B, heads, new tokens, head_dim] to its fp32 residual."""
+        if index == len(self.layers):
+            self.layers.append(LayerCache(None, None, keys[:, :, :0].float(), values[:, :, :0].float()))
+        layer = self.layers[index]
+        layer.recent_keys = torch.cat([layer.recent_keys, keys.float()], dim=2)
+        layer.recent_values = torch.cat([layer.recent_values, values.float()], dim=2)
+        return layer
+
+    def attend(self, index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Append layer `index`'s new keys/values and return the attention of q [B, heads, new, head_dim] over
+        everything the layer holds: [B, heads, new, head_dim]."""
+        layer = self.append(index, keys, values)
+        if layer.keys is None:
+            return attend_fp32(q, layer.recent_keys, layer.recent_values)
+        if self.read == "direct":
+            return attend_quantized(q, layer.keys, layer.values, layer.recent_keys, layer.recent_values)
+        return attend_fp32(q, *self.keys_values(index))
+
+    def keys_values(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `index`'s (keys, values) [B, heads, tokens, head_dim]: the quantized part dequantized into the
+        shared scratch buffer (valid until the next layer is read), then the residual."""
+        layer = self.layers[index]
+        if layer.keys is None:
+            return layer.recent_keys, layer.recent_values
+        tokens, quantized = len(layer), layer.quantized_tokens
+        scratch_keys, scratch_values = self._scratch_for(layer.recent_keys, tokens)
+        layer.dequantize_into(scratch_keys, scratch_values)
+        scratch_keys[:, :, quantized:tokens].copy_(layer.recent_keys)
+        scratch_values[:, :, quantized:tokens].copy_(layer.recent_values)
+        return scratch_keys[:, :, :tokens], scratch_values[:, :, :tokens]
+
+    def _scratch_for(self, like: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heads, _, head_dim = like.shape
+        if self._scratch is None or self._scratch[0].shape[2] < tokens or self._scratch[0].shape[:2] != (batch, heads):
+            capacity = max(tokens, int(1.25 * tokens) // self.group_size * self.group_size)
+            self._scratch = tuple(like.new_empty(batch, heads, capacity, head_dim) for _ in range(2))
+        return self._scratch
+
+    def flush(self) -> None:
+        """Quantize, in every layer, the oldest whole key groups beyond the `residual` newest tokens."""
         if self.residual is None:
             return
-        waiting = layer.recent_keys.shape[2] - self.residual
-        moving = (waiting // self.group_size) * self.group_size
-        if moving <= 0:
-            return
-        old_keys, layer.recent_keys = layer.recent_keys[:, :, :moving], layer.recent_keys[:, :, moving:]
-        old_values, layer.recent_values = layer.recent_values[:, :, :moving], layer.recent_values[:, :, moving:]
-        keys = quantize(old_keys.transpose(-1, -2), self.bits, self.group_size)
-        values = quantize(old_values, self.bits, self.value_group(old_values.shape[-1]))
+        for layer in self.layers:
+            moving = (layer.recent_keys.shape[2] - self.residual) // self.group_size * self.group_size
+            if moving > 0:
+                self._quantize_oldest(layer, moving)
+
+    def _quantize_oldest(self, layer: LayerCache, moving: int) -> None:
+        old_keys, old_values = layer.recent_keys[:, :, :moving], layer.recent_values[:, :, :moving]
         # Slices of the residual would keep its whole buffer alive; own copies let it be freed.
-        layer.recent_keys, layer.recent_values = layer.recent_keys.clone(), layer.recent_values.clone()
-        layer.keys = keys if layer.keys is None else layer.keys.cat(keys, dim=-1)
-        layer.values = values if layer.values is None else layer.values.cat(values, dim=2)
+        layer.recent_keys, layer.recent_values = layer.recent_keys[:, :, moving:].clone(), layer.recent_values[:, :, moving:].clone()
+        head_dim = old_keys.shape[-1]
+        # keys [B, H, T, D] -> [B, H, groups, D, group tokens]: one scale per channel per group of tokens
+        keys = quantize(old_keys.unflatten(2, (-1, self.group_size)).transpose(-1, -2), self.bits, self.group_size)
+        # values [B, H, T, D] -> [B, H, channel groups, T, group channels]: one scale per token per group
+        value_group = self.value_group(head_dim)
+        values = quantize(old_values.unflatten(-1, (-1, value_group)).transpose(2, 3), self.bits, value_group)
+        layer.keys = keys if layer.keys is None else layer.keys.cat(keys, dim=2)
+        layer.values = values if layer.values is None else layer.values.cat(values, dim=3)
 
     def value_group(self, head_dim: int) -> int:
-        """Channels per value group: `group_size`, or the whole head when that does not divide it."""
-        return self.group_size if head_dim % self.group_size == 0 else head_dim
+        """Channels per value group: `value_group_size`, or the whole head when it is 0 or does not divide it."""
+        size = self.value_group_size
+        return size if size and head_dim % size == 0 else head_dim
 
     def full_precision_nbytes(self, element_size: int = 4) -> int:
         """What the same tokens take in an unquantized cache of `element_size`-byte elements."""
-        return sum(2 * layer.recent_keys[:, :, :1].numel() * len(self) * element_size for layer in self.layers)
+        return sum(2 * layer.recent_keys[:, :, :1].numel() * len(layer) * element_size for layer in self.layers)
+
+    def dequantized_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Every layer's (keys, values) [B, heads, tokens, head_dim] as fp32, freshly allocated (for tests
+        and inspection; decoding reads through `attend` or `keys_values`)."""
+        if not self.layers:
+            return None
+        out = []
+        for layer in self.layers:
+            quantized = layer.dequantized()
+            out.append((layer.recent_keys, layer.recent_values) if quantized is None else
+                       (torch.cat([quantized[0], layer.recent_keys], 2), torch.cat([quantized[1], layer.recent_values], 2)))
+        return out

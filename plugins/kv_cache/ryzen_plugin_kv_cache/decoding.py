@@ -1,36 +1,78 @@
 """Generation and teacher-forced scoring through a `QuantizedKVCache`, for the built-in Transformer and
-HF causal LMs: every forward attends against the cache as read (dequantized), and the keys and values it
-computes for its new tokens are appended (and quantized once they age out of the residual)."""
+HF Llama-architecture models. The built-in Transformer's forward is run layer by layer here so that each
+layer attends against the quantized cache directly (or against a reused dequantization scratch); an HF model
+gets a transformers `Cache` whose layers hand its attention the keys/values dequantized into the scratch.
+New tokens' keys/values are appended, and whole groups beyond the residual quantized after each forward."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from functools import cache as once
+from typing import Callable
 
 import torch
 
-from ryzen_core import context_length, decode_loop, is_hf_model, model_outputs
+from ryzen_core import Transformer, context_length, decode_loop, is_hf_model, model_outputs
 
 from .cache import QuantizedKVCache
 
 
-def _model_cache(model, layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> Any:
-    if layers is None or not is_hf_model(model):
-        return layers  # the built-in Transformer takes a list of (k, v) per layer
-    from transformers import DynamicCache
+def builtin_forward(model, cache: QuantizedKVCache, input_ids: torch.Tensor) -> torch.Tensor:
+    """The built-in Transformer's forward (eval mode), with each layer's attention computed by `cache`
+    over what it holds — never a list of every layer's fp32 keys and values, as the model's own cache is."""
+    past, new = len(cache), input_ids.shape[1]
+    if past + new > model.config.context_length:
+        raise ValueError(f"sequence length {past + new} exceeds context_length {model.config.context_length}")
+    x = model.tok_emb(input_ids) + model.pos_emb(torch.arange(past, past + new, device=input_ids.device))
+    for index, block in enumerate(model.blocks):
+        attention = block.attn
+        q, k, v = attention.qkv(block.norm_attn(x)).split(x.shape[-1], dim=2)
+        q, k, v = (t.view(x.shape[0], new, attention.n_heads, attention.head_dim).transpose(1, 2) for t in (q, k, v))
+        y = cache.attend(index, q, k, v).transpose(1, 2).reshape(x.shape)
+        x = x + attention.proj(y)
+        x = x + block.mlp(block.norm_mlp(x))
+    return model.lm_head(model.norm_final(x))
 
-    return DynamicCache(ddp_cache_data=layers)
+
+@once
+def _hf_layer_class():
+    """A transformers cache layer backed by one `QuantizedKVCache` layer (transformers is imported only here)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class QuantizedHFLayer(DynamicLayer):
+        """`update` appends the new keys/values and returns the layer's keys/values, the quantized part
+        dequantized into the cache's shared scratch."""
+
+        def __init__(self, cache: QuantizedKVCache, index: int):
+            super().__init__()
+            self.cache, self.index, self.is_initialized = cache, index, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.cache.append(self.index, key_states, value_states)
+            return self.cache.keys_values(self.index)
+
+        def get_seq_length(self) -> int:
+            return len(self.cache.layers[self.index]) if self.index < len(self.cache.layers) else 0
+
+    return QuantizedHFLayer
 
 
-def _layer_tensors(model_cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(model_cache, (list, tuple)):
-        return list(model_cache)
-    return [(layer.keys, layer.values) for layer in model_cache.layers]
+def hf_forward(model, cache: QuantizedKVCache, input_ids: torch.Tensor) -> torch.Tensor:
+    from transformers import Cache
+
+    layers = [_hf_layer_class()(cache, index) for index in range(model.config.num_hidden_layers)]
+    logits, _ = model_outputs(model, input_ids, Cache(layers=layers))
+    return logits
 
 
 def cached_forward(model, cache: QuantizedKVCache, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits [B, T, V] for `input_ids` following what `cache` holds; their keys/values join the cache."""
-    past = len(cache)
-    logits, model_cache = model_outputs(model, input_ids, _model_cache(model, cache.read()))
-    cache.append([(k[:, :, past:], v[:, :, past:]) for k, v in _layer_tensors(model_cache)])
+    """Logits [B, T, V] for `input_ids` following what `cache` holds; their keys/values join the cache, and
+    whole groups beyond the residual are quantized once the forward is done."""
+    if is_hf_model(model):
+        logits = hf_forward(model, cache, input_ids)
+    elif isinstance(model, Transformer):
+        logits = builtin_forward(model, cache, input_ids)
+    else:
+        raise TypeError(f"the quantized KV cache runs the built-in Transformer or an HF model, not {type(model).__name__}")
+    cache.flush()
     return logits
 
 
@@ -62,10 +104,11 @@ def incremental_logits(model, input_ids: torch.Tensor, cache: QuantizedKVCache) 
                          dim=1)
 
 
-def incremental_quality(model, input_ids: torch.Tensor, bits: int, group_size: int, residual: int) -> dict:
-    """Teacher-forced perplexity token by token through the quantized and the fp32 cache, top-1 agreement
-    and mean KL(fp32 || quantized) over the predicted positions, and KV bytes per token of each cache."""
-    reference_cache, quantized_cache = QuantizedKVCache(residual=None), QuantizedKVCache(bits, group_size, residual)
+def incremental_quality(model, input_ids: torch.Tensor, bits: int, **cache_settings) -> dict:
+    """Teacher-forced perplexity token by token through the quantized cache (`QuantizedKVCache(bits,
+    **cache_settings)`) and the fp32 one, top-1 agreement and mean KL(fp32 || quantized) over the predicted
+    positions, and KV bytes per token of each cache at the end."""
+    reference_cache, quantized_cache = QuantizedKVCache(residual=None), QuantizedKVCache(bits, **cache_settings)
     reference = incremental_logits(model, input_ids, reference_cache).double()[:, :-1]
     quantized = incremental_logits(model, input_ids, quantized_cache).double()[:, :-1]
     targets = input_ids[:, 1:]

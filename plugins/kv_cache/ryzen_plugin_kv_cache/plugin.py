@@ -1,8 +1,9 @@
 """The kvcache plugin (entry-point name `kvcache`): one `KVCachePlugin` per variant.
 
 - on_infer: replaces the variant's generation with the same loop over a quantized KV cache (int8 or
-  4-bit, KIVI grouping, the newest `residual` tokens in fp32) on the same model; records the settings
-  once and, after every generation, the KV bytes per token of the quantized cache against fp32 and bf16.
+  4-bit, KIVI grouping, fp16 metadata, the newest tokens in fp32) on the same model; records the settings
+  once and, after every generation, the KV bytes per token of the quantized cache against fp32 and bf16
+  (measured from the stored tensors) and the size of the dequantization scratch, if one was used.
 
 It changes no weights and no training, so `ryzen run --plugins kvcache` shares the baseline's weights and
 validation compares the two caches on one model: agreement with the baseline is the quality check.
@@ -48,7 +49,8 @@ class KVCachePlugin(Plugin):
         settings = self.settings
 
         def generate(input_ids, max_new_tokens, **sampling):
-            cache = QuantizedKVCache(settings.bits, settings.group_size, settings.residual)
+            cache = QuantizedKVCache(settings.bits, settings.group_size, settings.residual,
+                                     settings.value_group_size, settings.read)
             sequence = quantized_generate(model, input_ids, max_new_tokens, cache, **sampling)
             self.generations += 1
             if record is not None and len(cache):
@@ -57,7 +59,7 @@ class KVCachePlugin(Plugin):
                        kv_bytes_per_token=cache.nbytes / rows_tokens,
                        kv_bytes_per_token_fp32=cache.full_precision_nbytes(4) / rows_tokens,
                        kv_bytes_per_token_bf16=cache.full_precision_nbytes(2) / rows_tokens,
-                       fp32_tokens=min(len(cache), cache.layers[0].recent_keys.shape[2]))
+                       fp32_tokens=cache.fp32_tokens, scratch_bytes=cache.scratch_nbytes)
             return sequence
 
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}

@@ -3,21 +3,33 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ryzen_core import PluginSettings
 
 
 class KVCacheSettings(PluginSettings):
-    """How the KV cache is quantized (README, Settings)."""
+    """How the KV cache is quantized and read (README, Settings)."""
 
     enabled: bool = True
     """False leaves generation to the plain fp32 KV-cache loop (the plugin only records that)."""
     bits: Literal[8, 4] = 8
     """Bits per stored key/value element; 4-bit codes are packed two to a byte."""
-    group_size: int = Field(32, ge=2, le=1024)
-    """Keys: tokens per quantization group (one scale per channel per group). Values: channels per group
-    (one scale per token per group), capped at the head dimension. Must be even (4-bit packing)."""
-    residual: int = Field(32, ge=0, le=65536)
-    """The most recent tokens kept in fp32; older ones are quantized a group at a time, so between
-    `residual` and `residual + group_size - 1` tokens are in fp32 at any moment."""
+    group_size: int = Field(128, ge=2, le=4096)
+    """Keys: tokens per quantization group (one fp16 scale and minimum per channel per group). Even."""
+    value_group_size: int = Field(0, ge=0, le=4096)
+    """Values: channels per group (one fp16 scale and minimum per token per group); 0, or a size that does
+    not divide the head dimension: the whole head. Even."""
+    residual: int = Field(0, ge=0, le=65536)
+    """Newest tokens kept in fp32 beyond the key group still filling: between `residual` and
+    `residual + group_size - 1` tokens are in fp32 at any moment."""
+    read: Literal["direct", "dequantize"] = "direct"
+    """Built-in Transformer: attend against the codes ("direct") or dequantize each layer into a reused
+    scratch buffer first. HF models always take the scratch."""
+
+    @field_validator("group_size", "value_group_size")
+    @classmethod
+    def _even(cls, size: int) -> int:
+        if size % 2:
+            raise ValueError(f"must be even (4-bit codes pack two per byte along a group), got {size}")
+        return size

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ryzen_core import generate, lm_logits
+from ryzen_core import generate, is_hf_model, lm_logits
 from ryzen_plugin_kv_cache import QuantizedKVCache, incremental_logits, incremental_quality, quantized_generate
 from ryzen_plugin_kv_cache.decoding import cached_forward
 
@@ -21,10 +21,11 @@ def test_the_full_precision_cache_is_plain_decoding(model, text_ids):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_the_quantized_part_is_read(model, text_ids, bits):
-    """Corrupting the stored codes must change the next logits: a cache that kept an fp32 copy on the side,
-    or never read its quantized part, fails here."""
-    cache = QuantizedKVCache(bits, group_size=16, residual=16)
+@pytest.mark.parametrize("read", ["direct", "dequantize"])
+def test_the_quantized_part_is_read(model, text_ids, bits, read):
+    """Corrupting the stored codes must change the next logits, whichever way the cache is read: a cache
+    that kept an fp32 copy on the side, or never read its quantized part, fails here."""
+    cache = QuantizedKVCache(bits, group_size=16, residual=16, value_group_size=8, read=read)
     with torch.inference_mode():
         cached_forward(model, cache, text_ids[:, :150])
         assert len(cache) - cache.layers[0].recent_keys.shape[2] == 128  # 128 quantized, 22 in fp32
@@ -36,11 +37,13 @@ def test_the_quantized_part_is_read(model, text_ids, bits):
             layer.values.codes.fill_(0)
         corrupted = cached_forward(model, cache, next_token)
     assert (clean - corrupted).abs().max() > 0.1
+    # Attending against the codes keeps no dequantized copy at all; HF models always take the scratch.
+    assert (cache.scratch_nbytes == 0) == (read == "direct" and not is_hf_model(model))
 
 
 @pytest.mark.parametrize("bits, max_perplexity_rise, min_agreement", [(8, 0.005, 0.98), (4, 0.05, 0.90)])
 def test_token_by_token_perplexity_and_agreement(model, text_ids, bits, max_perplexity_rise, min_agreement):
-    quality = incremental_quality(model, text_ids, bits, group_size=16, residual=16)
+    quality = incremental_quality(model, text_ids, bits, group_size=16, residual=16, value_group_size=8)
     reference, quantized = quality["perplexity_fp32_cache"], quality["perplexity_quantized_cache"]
     assert reference < 30  # trained: far below the vocabulary size, so agreement is not between near-ties
     assert abs(quantized / reference - 1) <= max_perplexity_rise
