@@ -1,10 +1,14 @@
 """The packed ternary CPU kernel (csrc/ternary_kernel.cpp): its weight layout, its build, its dispatch.
 
-Layout the kernel reads ("blocked codes"), uint8 [out_features, 64 * ceil(in_features / 256)]: per
-output row one 64-byte block per 256 input columns; byte j of block b holds the codes u = t + 1 of
-columns 256b + j, + 64, + 128, + 192 in bits 0-1, 2-3, 4-5, 6-7. Unpacking 64 columns is one shift
-and one AND; padding columns hold code 1 (t = 0). The file format (packed.py) keeps its own
-row-major layout: this one is built from the integers at load.
+Layout the kernel reads ("blocked codes"), uint8 [ceil(out / 16), 64 * ceil(in / 16)]: output rows in
+groups of 16 (one row of the tensor per group), input columns in chunks of 16, one 64-byte block per
+chunk. Byte 4r + i of a block holds the codes u = t + 1 of the group's row r at the chunk's columns
+4l + i, l = 0..3, in bits 2l and 2l + 1. One AND (and one shift) unpacks a block into, per 32-bit lane
+(one row), the four codes that AVX-512 VNNI's dpbusd multiplies by four activations broadcast to all
+lanes: sixteen rows' sums accumulate in one register with no horizontal reduction at the end (the
+kernel's first layout, a row's 256 columns per block, spent about as long reducing as multiplying
+at d_model 768). Padding rows and columns hold code 1 (t = 0). The file format (packed.py) keeps its
+own row-major layout: this one is built from the integers at load.
 
 Build: the source is compiled once per source, torch and compiler version with the system C++
 compiler (`$CXX`, else `c++`/`g++`) against torch's headers, into
@@ -28,7 +32,7 @@ import torch
 from torch.utils.cpp_extension import include_paths, library_paths
 
 SOURCE = Path(__file__).with_name("csrc") / "ternary_kernel.cpp"
-BLOCK_COLUMNS, BLOCK_BYTES = 256, 64
+GROUP_ROWS, CHUNK_COLUMNS = 16, 16
 ISA_NAMES = {0: "cpp-scalar", 1: "cpp-avx2", 2: "cpp-vnni"}
 ISA_BY_NAME = {name: isa for isa, name in ISA_NAMES.items()}
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-w"]
@@ -50,22 +54,23 @@ class KernelStatus:
 
 
 def block_codes(t: torch.Tensor) -> torch.Tensor:
-    """int8 ternary [out, in] -> the kernel's blocked codes, uint8 [out, 64 * ceil(in / 256)]."""
+    """int8 ternary [out, in] -> the kernel's blocked codes, uint8 [ceil(out / 16), 64 * ceil(in / 16)]."""
     out_features, in_features = t.shape
-    blocks = -(-in_features // BLOCK_COLUMNS)
-    codes = torch.ones(out_features, blocks * BLOCK_COLUMNS, dtype=torch.uint8)
-    codes[:, :in_features] = (t.to(torch.int8) + 1).to(torch.uint8)
-    lanes = codes.view(out_features, blocks, 4, BLOCK_BYTES)  # column 256b + 64 lane + j
-    packed = lanes[:, :, 0] | lanes[:, :, 1] << 2 | lanes[:, :, 2] << 4 | lanes[:, :, 3] << 6
-    return packed.reshape(out_features, blocks * BLOCK_BYTES).contiguous()
+    groups, chunks = -(-out_features // GROUP_ROWS), -(-in_features // CHUNK_COLUMNS)
+    codes = torch.ones(groups * GROUP_ROWS, chunks * CHUNK_COLUMNS, dtype=torch.uint8)
+    codes[:out_features, :in_features] = (t.to(torch.int8) + 1).to(torch.uint8)
+    # [group, row, chunk, l, i] (column 16 chunk + 4 l + i) -> [group, chunk, row, i, l]
+    lanes = codes.view(groups, GROUP_ROWS, chunks, 4, 4).permute(0, 2, 1, 4, 3)
+    packed = lanes[..., 0] | lanes[..., 1] << 2 | lanes[..., 2] << 4 | lanes[..., 3] << 6
+    return packed.reshape(groups, chunks * 64).contiguous()
 
 
-def unblock_codes(codes: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The inverse of `block_codes`: int8 ternary [out, in_features]."""
-    out_features = codes.shape[0]
-    blocks = codes.view(out_features, -1, BLOCK_BYTES)
-    lanes = torch.stack([(blocks >> (2 * lane)) & 3 for lane in range(4)], dim=2)
-    return lanes.reshape(out_features, -1)[:, :in_features].to(torch.int8) - 1
+def unblock_codes(codes: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The inverse of `block_codes`: int8 ternary [out_features, in_features]."""
+    groups = codes.shape[0]
+    blocks = codes.view(groups, -1, GROUP_ROWS, 4)  # [group, chunk, row, i]
+    lanes = torch.stack([(blocks >> (2 * l)) & 3 for l in range(4)], dim=-1).permute(0, 2, 1, 4, 3)
+    return lanes.reshape(groups * GROUP_ROWS, -1)[:out_features, :in_features].to(torch.int8) - 1
 
 
 def compiler() -> str | None:
@@ -139,17 +144,17 @@ def usable_isas() -> list[int]:
     return list(range(status.isa + 1)) if status.available else []
 
 
-def int8_product(q: torch.Tensor, codes: torch.Tensor, isa: int) -> torch.Tensor:
-    """int8 activations [M, K] x the blocked codes -> sum(t * q), int32 [M, out]."""
-    return torch.ops.ryzen_bitnet.int8_product(q, codes, isa)
+def int8_product(q: torch.Tensor, codes: torch.Tensor, out_features: int, isa: int) -> torch.Tensor:
+    """int8 activations [M, K] x the blocked codes -> sum(t * q), int32 [M, out_features]."""
+    return torch.ops.ryzen_bitnet.int8_product(q, codes, out_features, isa)
 
 
-def integer_forward(x: torch.Tensor, codes: torch.Tensor, input_norm: bool, isa: int):
+def integer_forward(x: torch.Tensor, codes: torch.Tensor, out_features: int, input_norm: bool, isa: int):
     """float [M, K] -> (sum(t * q) int32 [M, out], step float [M, 1]), quantizing x as quant.py does."""
-    return torch.ops.ryzen_bitnet.integer_forward(x, codes, input_norm, isa)
+    return torch.ops.ryzen_bitnet.integer_forward(x, codes, out_features, input_norm, isa)
 
 
-def linear(x: torch.Tensor, codes: torch.Tensor, scale: float, bias: torch.Tensor | None, input_norm: bool,
-           isa: int) -> torch.Tensor:
+def linear(x: torch.Tensor, codes: torch.Tensor, out_features: int, scale: float, bias: torch.Tensor | None,
+           input_norm: bool, isa: int) -> torch.Tensor:
     """The whole ternary layer on float [M, K]: sum(t * q) * step * scale (+ bias), float [M, out]."""
-    return torch.ops.ryzen_bitnet.linear(x, codes, scale, bias, input_norm, isa)
+    return torch.ops.ryzen_bitnet.linear(x, codes, out_features, scale, bias, input_norm, isa)

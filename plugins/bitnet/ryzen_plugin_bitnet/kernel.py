@@ -114,7 +114,7 @@ class TernaryLinear(nn.Module):
         if not self.cpp:
             return self.ternary, self.kernel
         if self.int8_copy is None:
-            t = cpp_kernel.unblock_codes(self.codes, self.in_features)
+            t = cpp_kernel.unblock_codes(self.codes, self.out_features, self.in_features)
             self.int8_copy = (t, "int_mm" if int_mm_works(t) else "int32")
         return self.int8_copy
 
@@ -122,7 +122,7 @@ class TernaryLinear(nn.Module):
         """(acc int32 [M, out], step [M, 1]) for x [..., in] flattened to M rows."""
         x = x.reshape(-1, self.in_features).float()
         if self.cpp and x.shape[0] <= MAX_CPP_ROWS:
-            return cpp_kernel.integer_forward(x.contiguous(), self.codes, self.input_norm, self.isa)
+            return cpp_kernel.integer_forward(x.contiguous(), self.codes, self.out_features, self.input_norm, self.isa)
         q, step = quantized_input(x, self.input_norm)
         t, kernel = self._torch_weights()
         return int8_matmul(q.to(torch.int8), t.t(), kernel), step
@@ -131,7 +131,8 @@ class TernaryLinear(nn.Module):
         rows = x.numel() // self.in_features
         if self.cpp and rows <= MAX_CPP_ROWS:
             flat = x.reshape(rows, self.in_features).float().contiguous()
-            y = cpp_kernel.linear(flat, self.codes, self.scale_value, self.bias, self.input_norm, self.isa)
+            y = cpp_kernel.linear(flat, self.codes, self.out_features, self.scale_value, self.bias, self.input_norm,
+                                  self.isa)
         else:
             acc, step = self.integer_forward(x)
             y = acc.float() * (step * self.scale)

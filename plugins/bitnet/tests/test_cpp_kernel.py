@@ -37,14 +37,18 @@ def random_ternary(out_features, in_features, seed):
 
 
 def test_the_blocked_layout_is_the_documented_one():
-    t = random_ternary(2, 300, seed=0)
+    t = random_ternary(20, 35, seed=0)
     codes = cpp_kernel.block_codes(t)
-    assert codes.dtype == torch.uint8 and codes.shape == (2, 2 * 64)  # 300 columns: two 256-column blocks
+    assert codes.dtype == torch.uint8 and codes.shape == (2, 3 * 64)  # 20 rows: 2 groups; 35 columns: 3 chunks
     u = (t.to(torch.int32) + 1).tolist()
-    for j in (0, 5, 63):  # byte j of block 0: columns j, 64 + j, 128 + j, 192 + j, low bits first
-        assert codes[1, j].item() == u[1][j] | u[1][64 + j] << 2 | u[1][128 + j] << 4 | u[1][192 + j] << 6
-    assert codes[0, 64 + 50].item() == 0b01010101  # block 1, byte 50: columns 306, 370, 434, 498, all padding
-    assert torch.equal(cpp_kernel.unblock_codes(codes, 300), t)
+    for group, chunk, row, i in [(0, 0, 0, 0), (0, 1, 5, 3), (1, 0, 3, 2), (1, 1, 2, 1)]:
+        # byte 4 row + i of the block: the row's columns 16 chunk + 4 l + i in bits 2l, 2l + 1
+        n, columns = 16 * group + row, [16 * chunk + 4 * l + i for l in range(4)]
+        expected = sum(u[n][column] << (2 * l) for l, column in enumerate(columns))
+        assert codes[group, 64 * chunk + 4 * row + i].item() == expected
+    assert codes[1, 4 * 4].item() == 0b01010101  # group 1, row 4 = row 20: padding, code 1 (zero)
+    assert codes[0, 64 * 2 + 4 * 0 + 3].item() == 0b01010101  # chunk 2, columns 35, 39, 43, 47: padding
+    assert torch.equal(cpp_kernel.unblock_codes(codes, 20, 35), t)
 
 
 @needs_compiler
@@ -55,7 +59,7 @@ def test_int8_products_are_exact(usable, name, tokens, in_features, out_features
     t = random_ternary(out_features, in_features, seed=in_features)
     q = torch.randint(-128, 128, (tokens, in_features), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
     q[0, 0] = -128  # the one value whose magnitude is 128
-    acc = cpp_kernel.int8_product(q, cpp_kernel.block_codes(t), isa)
+    acc = cpp_kernel.int8_product(q, cpp_kernel.block_codes(t), out_features, isa)
     assert acc.dtype == torch.int32 and torch.equal(acc.long(), q.long() @ t.long().T)
 
 
@@ -87,27 +91,30 @@ def test_rounding_ties_and_the_largest_sums_are_quant_pys(usable, name):
     # absmax 127 makes step exactly 1: x / step has ties, which round half to even like torch.round
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.49, -126.5] + [0.0] * 24])
     identity = torch.eye(x.shape[1], dtype=torch.int8)
-    acc, _ = cpp_kernel.integer_forward(x, cpp_kernel.block_codes(identity), False, isa)
+    acc, _ = cpp_kernel.integer_forward(x, cpp_kernel.block_codes(identity), x.shape[1], False, isa)
     assert torch.equal(acc, quantized_input(x, False)[0].to(torch.int32))
     # every product at its extreme over a long row: 10240 * 128 and its negative, still exact in int32
     q = torch.full((2, 10240), -128, dtype=torch.int8)
     t = torch.stack([torch.ones(10240), -torch.ones(10240)]).to(torch.int8)
-    assert cpp_kernel.int8_product(q, cpp_kernel.block_codes(t), isa).tolist() == [[-1310720, 1310720]] * 2
+    assert cpp_kernel.int8_product(q, cpp_kernel.block_codes(t), 2, isa).tolist() == [[-1310720, 1310720]] * 2
 
 
 @needs_compiler
 def test_threads_split_rows_without_changing_a_bit(usable):
-    t, x = random_ternary(600, 256, seed=3), torch.randn(4, 256)
+    t = random_ternary(2000, 512, seed=3)  # 125 groups of rows: more than one thread's share
     codes, isa = cpp_kernel.block_codes(t), cpp_kernel.usable_isas()[-1]
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpp_kernel.integer_forward(x, codes, True, isa)
-        torch.set_num_threads(2)
-        two = cpp_kernel.integer_forward(x, codes, True, isa)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 512)
+        try:
+            torch.set_num_threads(1)
+            one = cpp_kernel.integer_forward(x, codes, 2000, True, isa)
+            torch.set_num_threads(2)
+            two = cpp_kernel.integer_forward(x, codes, 2000, True, isa)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+        assert torch.equal(one[0].double(), quantized_input(x, True)[0].double() @ t.double().T)
 
 
 @needs_compiler

@@ -1,10 +1,12 @@
 // Ternary weights (2-bit codes) times int8 activations on the CPU, for decode and small batches.
 //
-// Layout (see cpp_kernel.py): per output row, one 64-byte block per 256 input columns; byte j of a
-// block holds the codes u = w + 1 of columns j, 64 + j, 128 + j, 192 + j in bits 0-1, 2-3, 4-5, 6-7,
-// so one shift and one AND give 64 consecutive columns' codes. Padding columns have code 1 (w = 0)
-// and zero activations. Each token is quantized to int8 exactly as quant.py does (absmax, round half
-// to even), then sum(u * q) - sum(q) = sum(w * q) exactly in int32.
+// Layout (see cpp_kernel.py): output rows in groups of 16, input columns in chunks of 16, one 64-byte
+// block per (group, chunk), groups one after another. Byte 4r + i of a block holds the codes u = w + 1
+// of row r, columns 4l + i (l = 0..3) in bits 2l, 2l + 1. So one AND (and a shift) gives, per 32-bit
+// lane = per row, the four codes that dpbusd multiplies by the same four activations broadcast to
+// every lane: sixteen rows' sums in one register, no horizontal reduction. Padding rows and columns
+// have code 1 (w = 0), padding activations are 0. Each token is quantized to int8 exactly as quant.py
+// does (absmax, round half to even), then sum(u * q) - sum(q) = sum(w * q), exact in int32.
 //
 // One source for every x86-64 CPU: only the kernels carry target attributes, and which one runs is
 // chosen at run time (best_isa), so the compiled library may be shared between machines.
@@ -16,14 +18,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kBlockColumns = 256;
-constexpr int64_t kBlockBytes = 64;
+constexpr int64_t kGroupRows = 16, kChunkColumns = 16, kChunkBytes = 64;
 constexpr int64_t kTokenTile = 8;  // tokens sharing one unpacking of the codes
-constexpr int64_t kRowTile = 32;   // rows whose codes stay in L1 while every token tile passes over them
+constexpr int64_t kGroupTile = 4;  // groups whose codes stay in L1 while every token tile passes over them
 constexpr float kEps = 1e-5f;      // quant.py's EPS
 constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (v + m) - m rounds |v| < 2^22 half to even
 
@@ -37,7 +39,7 @@ int64_t best_isa() {
   return __builtin_cpu_supports("avx2") ? kAvx2 : kScalar;
 }
 
-// Activations of M tokens as the kernels read them: int8, each row padded with zeros to the blocks.
+// Activations of M tokens as the kernels read them: int8, each row padded with zeros to whole chunks.
 struct Tokens {
   std::vector<int8_t> q;
   std::vector<int32_t> sums;  // sum(q) per token: what the codes' +1 adds
@@ -175,11 +177,11 @@ Tokens from_int8(const at::Tensor& q, int64_t padded) {
   return t;
 }
 
-// What every kernel gets: rows [n0, n1) of the codes, T tokens from `q` (stride `padded`), and
-// out[t * n_out + n] = sum(w * q) for each of them.
+// What every kernel gets: groups [g0, g1) of 16 rows, T tokens from `q` (stride `padded`), and writes
+// out[t * n_out + n] = sum(w * q) for the rows n < n_out of those groups.
 struct Job {
   const uint8_t* codes;
-  int64_t blocks;
+  int64_t chunks;  // 16-column chunks per row: 64 bytes per group each
   const int8_t* q;
   const int32_t* sums;
   int64_t padded;
@@ -187,196 +189,223 @@ struct Job {
   int64_t n_out;
 };
 
-template <int T>
-void rows_scalar(const Job& job, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = job.codes + n * job.blocks * kBlockBytes;
-    for (int t = 0; t < T; ++t) {
-      const int8_t* a = job.q + t * job.padded;
-      int32_t acc = 0;
-      for (int64_t b = 0; b < job.blocks; ++b)
-        for (int64_t j = 0; j < kBlockBytes; ++j) {
-          const int32_t c = row[b * kBlockBytes + j];
-          const int8_t* col = a + b * kBlockColumns + j;
-          acc += (c & 3) * col[0] + (c >> 2 & 3) * col[64] + (c >> 4 & 3) * col[128] + (c >> 6 & 3) * col[192];
-        }
-      job.out[t * job.n_out + n] = acc - job.sums[t];
-    }
-  }
+int32_t word(const int8_t* q) {  // four int8 activations as the 32-bit word dpbusd / maddubs broadcast
+  int32_t w;
+  std::memcpy(&w, q, sizeof w);
+  return w;
 }
 
-// AVX2: maddubs multiplies u8 codes by s8 activations and adds pairs into int16. |pair| <= 2 * 2 * 128
-// = 512, and the four of a block add up to at most 2048: no int16 saturation.
 template <int T>
-__attribute__((target("avx2,fma"))) void rows_avx2(const Job& job, int64_t n0, int64_t n1) {
+void groups_scalar(const Job& job, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g)
+    for (int64_t r = 0; r < kGroupRows && g * kGroupRows + r < job.n_out; ++r)
+      for (int t = 0; t < T; ++t) {
+        const int8_t* a = job.q + t * job.padded;
+        int32_t acc = 0;
+        for (int64_t c = 0; c < job.chunks; ++c)
+          for (int i = 0; i < 4; ++i) {
+            const int32_t byte = job.codes[(g * job.chunks + c) * kChunkBytes + 4 * r + i];
+            for (int l = 0; l < 4; ++l) acc += (byte >> (2 * l) & 3) * a[c * kChunkColumns + 4 * l + i];
+          }
+        job.out[t * job.n_out + g * kGroupRows + r] = acc - job.sums[t];
+      }
+}
+
+// AVX2, eight rows per half chunk: maddubs multiplies u8 codes by the broadcast s8 activations and adds
+// pairs into int16; |pair| <= 2 * 2 * 128 = 512 and the four bit pairs add up to at most 2048: no
+// int16 saturation. madd with ones widens to the row's int32 lane.
+template <int T>
+__attribute__((target("avx2"))) void groups_avx2(const Job& job, int64_t g0, int64_t g1) {
   const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = job.codes + n * job.blocks * kBlockBytes;
-    __m256i acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
-    for (int64_t b = 0; b < job.blocks; ++b)
-      for (int64_t half = 0; half < 2; ++half) {
-        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlockBytes + 32 * half));
-        const __m256i u[4] = {_mm256_and_si256(c, mask), _mm256_and_si256(_mm256_srli_epi16(c, 2), mask),
-                              _mm256_and_si256(_mm256_srli_epi16(c, 4), mask),
-                              _mm256_and_si256(_mm256_srli_epi16(c, 6), mask)};
+  for (int64_t g = g0; g < g1; ++g)
+    for (int64_t half = 0; half < 2; ++half) {
+      __m256i acc[T];
+      for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+      for (int64_t c = 0; c < job.chunks; ++c) {
+        const __m256i v = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(job.codes + (g * job.chunks + c) * kChunkBytes + 32 * half));
+        const __m256i u[4] = {_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 2), mask),
+                              _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+                              _mm256_and_si256(_mm256_srli_epi16(v, 6), mask)};
         for (int t = 0; t < T; ++t) {
-          const int8_t* a = job.q + t * job.padded + b * kBlockColumns + 32 * half;
-          __m256i pairs = _mm256_setzero_si256();
-          for (int lane = 0; lane < 4; ++lane)
-            pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(
-                u[lane], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 64 * lane))));
+          const int8_t* a = job.q + t * job.padded + c * kChunkColumns;
+          __m256i pairs = _mm256_maddubs_epi16(u[0], _mm256_set1_epi32(word(a)));
+          for (int l = 1; l < 4; ++l)
+            pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(u[l], _mm256_set1_epi32(word(a + 4 * l))));
           acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(pairs, ones));
         }
       }
-    for (int t = 0; t < T; ++t) {
-      const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
-      const __m128i s2 = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-      job.out[t * job.n_out + n] = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xb1))) - job.sums[t];
+      const int64_t row0 = g * kGroupRows + 8 * half, rows = std::min<int64_t>(8, job.n_out - row0);
+      for (int t = 0; t < T; ++t) {
+        alignas(32) int32_t lanes[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[t]);
+        for (int64_t r = 0; r < rows; ++r) job.out[t * job.n_out + row0 + r] = lanes[r] - job.sums[t];
+      }
     }
-  }
 }
 
-// AVX-512 VNNI: dpbusd adds u8 x s8 products by fours into int32 lanes. A single token gets four
-// accumulators (one per bit pair), several tokens two each, so that enough independent dpbusd
-// chains are in flight to hide their latency.
+// acc += dpbusd(u, x) in place. Through the intrinsic GCC 12 copies each accumulator into a fresh
+// register and back around every dpbusd in these loops (one extra move each); the asm pins it.
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void dpbusd(__m512i& acc, __m512i u,
+                                                                                         __m512i x) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(x));
+}
+
+// AVX-512 VNNI, sixteen rows per chunk: dpbusd adds the four u8 x s8 products of a row's lane into its
+// int32. With one or two tokens each bit pair l gets its own accumulator and is not shifted down:
+// `v & (3 << 2l)` is 4^l * u <= 128, a valid u8 operand, and the lanes are exact multiples of 4^l,
+// divided exactly at the end: one AND per bit pair, and four independent dpbusd chains per token.
+// More tokens give enough chains by themselves and shift the codes down instead (fewer registers).
+// No overflow: a lane adds at most 4 * 2^14 per chunk, and K <= 2^19 (checked).
 template <int T>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_vnni(const Job& job, int64_t n0, int64_t n1) {
-  constexpr int L = T == 1 ? 4 : 2;
-  const __m512i mask = _mm512_set1_epi8(3);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = job.codes + n * job.blocks * kBlockBytes;
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void groups_vnni(const Job& job, int64_t g0, int64_t g1) {
+  constexpr bool kScaled = T <= 2;
+  constexpr int L = kScaled ? 4 : 1;
+  const __m512i masks[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30),
+                            _mm512_set1_epi8(static_cast<char>(0xc0))};
+  for (int64_t g = g0; g < g1; ++g) {
     __m512i acc[T][L];
     for (int t = 0; t < T; ++t)
       for (int l = 0; l < L; ++l) acc[t][l] = _mm512_setzero_si512();
-    for (int64_t b = 0; b < job.blocks; ++b) {
-      const __m512i c = _mm512_loadu_si512(row + b * kBlockBytes);
-      const __m512i u[4] = {_mm512_and_si512(c, mask), _mm512_and_si512(_mm512_srli_epi16(c, 2), mask),
-                            _mm512_and_si512(_mm512_srli_epi16(c, 4), mask),
-                            _mm512_and_si512(_mm512_srli_epi16(c, 6), mask)};
+    for (int64_t c = 0; c < job.chunks; ++c) {
+      const __m512i v = _mm512_loadu_si512(job.codes + (g * job.chunks + c) * kChunkBytes);
+      __m512i u[4];
+      for (int l = 0; l < 4; ++l)
+        u[l] = kScaled ? _mm512_and_si512(v, masks[l]) : _mm512_and_si512(_mm512_srli_epi16(v, 2 * l), masks[0]);
       for (int t = 0; t < T; ++t) {
-        const int8_t* a = job.q + t * job.padded + b * kBlockColumns;
-        for (int lane = 0; lane < 4; ++lane)
-          acc[t][lane % L] = _mm512_dpbusd_epi32(acc[t][lane % L], u[lane], _mm512_loadu_si512(a + 64 * lane));
+        const int8_t* a = job.q + t * job.padded + c * kChunkColumns;
+        for (int l = 0; l < 4; ++l)
+          dpbusd(acc[t][l % L], u[l], _mm512_set1_epi32(word(a + 4 * l)));
       }
     }
+    const int64_t row0 = g * kGroupRows;
+    const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(kGroupRows, job.n_out - row0)) - 1);
     for (int t = 0; t < T; ++t) {
-      __m512i total = acc[t][0];
-      for (int l = 1; l < L; ++l) total = _mm512_add_epi32(total, acc[t][l]);
-      job.out[t * job.n_out + n] = _mm512_reduce_add_epi32(total) - job.sums[t];
+      __m512i total = _mm512_set1_epi32(-job.sums[t]);
+      for (int l = 0; l < L; ++l) total = _mm512_add_epi32(total, _mm512_srai_epi32(acc[t][l], kScaled ? 2 * l : 0));
+      _mm512_mask_storeu_epi32(job.out + t * job.n_out + row0, valid, total);
     }
   }
 }
 
-// AVX-512 VNNI, one token (decode): two rows at a time share the activation loads, and the codes are
-// not shifted down: `c & (3 << 2l)` is 4^l * u, at most 128, still a valid u8 operand, so bit pair l
-// accumulates 4^l * sum(u * q) in its own register, divided exactly at the end. One AND per 64
-// codes. No overflow: a lane adds 4 products of at most 2^14 per block, K / 256 * 2^16 < 2^31.
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_vnni_one_token(const Job& job, int64_t n0,
-                                                                                int64_t n1) {
-  const __m512i masks[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30),
-                            _mm512_set1_epi8(static_cast<char>(0xc0))};
-  const int64_t row_bytes = job.blocks * kBlockBytes;
-  int64_t n = n0;
-  for (; n + 1 < n1; n += 2) {
-    const uint8_t* row = job.codes + n * row_bytes;
-    __m512i acc[2][4];
-    for (int r = 0; r < 2; ++r)
-      for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_setzero_si512();
-    for (int64_t b = 0; b < job.blocks; ++b) {
-      const __m512i c0 = _mm512_loadu_si512(row + b * kBlockBytes);
-      const __m512i c1 = _mm512_loadu_si512(row + row_bytes + b * kBlockBytes);
-      const int8_t* a = job.q + b * kBlockColumns;
-      for (int l = 0; l < 4; ++l) {
-        const __m512i x = _mm512_loadu_si512(a + 64 * l);
-        acc[0][l] = _mm512_dpbusd_epi32(acc[0][l], _mm512_and_si512(c0, masks[l]), x);
-        acc[1][l] = _mm512_dpbusd_epi32(acc[1][l], _mm512_and_si512(c1, masks[l]), x);
-      }
+// One token (decode), two groups at a time: the broadcast activations serve 32 rows, and named
+// accumulators keep GCC from copying an array of them around the loop (it did, one move per dpbusd).
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void groups_vnni_one_token(const Job& job, int64_t g0,
+                                                                                  int64_t g1) {
+  const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c), m2 = _mm512_set1_epi8(0x30),
+                m3 = _mm512_set1_epi8(static_cast<char>(0xc0));
+  const int64_t group_bytes = job.chunks * kChunkBytes;
+  int64_t g = g0;
+  for (; g + 1 < g1; g += 2) {
+    const uint8_t* first = job.codes + g * group_bytes;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t c = 0; c < job.chunks; ++c) {
+      const __m512i v = _mm512_loadu_si512(first + c * kChunkBytes);
+      const __m512i w = _mm512_loadu_si512(first + group_bytes + c * kChunkBytes);
+      const int8_t* a = job.q + c * kChunkColumns;
+      const __m512i x0 = _mm512_set1_epi32(word(a)), x1 = _mm512_set1_epi32(word(a + 4)),
+                    x2 = _mm512_set1_epi32(word(a + 8)), x3 = _mm512_set1_epi32(word(a + 12));
+      dpbusd(a0, _mm512_and_si512(v, m0), x0);
+      dpbusd(b0, _mm512_and_si512(w, m0), x0);
+      dpbusd(a1, _mm512_and_si512(v, m1), x1);
+      dpbusd(b1, _mm512_and_si512(w, m1), x1);
+      dpbusd(a2, _mm512_and_si512(v, m2), x2);
+      dpbusd(b2, _mm512_and_si512(w, m2), x2);
+      dpbusd(a3, _mm512_and_si512(v, m3), x3);
+      dpbusd(b3, _mm512_and_si512(w, m3), x3);
     }
-    for (int r = 0; r < 2; ++r) {
-      int32_t total = 0;
-      for (int l = 0; l < 4; ++l) total += _mm512_reduce_add_epi32(acc[r][l]) >> (2 * l);  // exact multiples
-      job.out[n + r] = total - job.sums[0];
-    }
+    const __m512i sum = _mm512_set1_epi32(-job.sums[0]);
+    const __m512i first_rows = _mm512_add_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(sum, a0), _mm512_srai_epi32(a1, 2)),
+        _mm512_add_epi32(_mm512_srai_epi32(a2, 4), _mm512_srai_epi32(a3, 6)));
+    const __m512i second_rows = _mm512_add_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(sum, b0), _mm512_srai_epi32(b1, 2)),
+        _mm512_add_epi32(_mm512_srai_epi32(b2, 4), _mm512_srai_epi32(b3, 6)));
+    const int64_t row0 = g * kGroupRows;
+    _mm512_storeu_si512(job.out + row0, first_rows);  // the first group is whole: another follows it
+    const int64_t rest = std::min<int64_t>(kGroupRows, job.n_out - row0 - kGroupRows);
+    _mm512_mask_storeu_epi32(job.out + row0 + kGroupRows, static_cast<__mmask16>((1u << rest) - 1), second_rows);
   }
-  if (n < n1) rows_vnni<1>(job, n, n1);
+  if (g < g1) groups_vnni<1>(job, g, g1);
 }
 
 template <int T>
-void rows(int64_t isa, const Job& job, int64_t n0, int64_t n1) {
-  if (isa == kVnni) return T == 1 ? rows_vnni_one_token(job, n0, n1) : rows_vnni<T>(job, n0, n1);
-  if (isa == kAvx2) return rows_avx2<T>(job, n0, n1);
-  rows_scalar<T>(job, n0, n1);
+void groups(int64_t isa, const Job& job, int64_t g0, int64_t g1) {
+  if (isa == kVnni) return T == 1 ? groups_vnni_one_token(job, g0, g1) : groups_vnni<T>(job, g0, g1);
+  if (isa == kAvx2) return groups_avx2<T>(job, g0, g1);
+  groups_scalar<T>(job, g0, g1);
 }
 
-using RowsFn = void (*)(int64_t, const Job&, int64_t, int64_t);
-constexpr RowsFn kRowsByTile[kTokenTile] = {rows<1>, rows<2>, rows<3>, rows<4>, rows<5>, rows<6>, rows<7>, rows<8>};
+using GroupsFn = void (*)(int64_t, const Job&, int64_t, int64_t);
+constexpr GroupsFn kGroupsByTile[kTokenTile] = {groups<1>, groups<2>, groups<3>, groups<4>,
+                                                groups<5>, groups<6>, groups<7>, groups<8>};
 
-void check_codes(const at::Tensor& codes, int64_t in_features, int64_t isa) {
+int64_t padded_columns(const at::Tensor& codes) { return codes.size(1) / kChunkBytes * kChunkColumns; }
+
+void check_codes(const at::Tensor& codes, int64_t n_out, int64_t in_features, int64_t isa) {
   TORCH_CHECK(codes.dtype() == at::kByte && codes.dim() == 2 && codes.is_contiguous() && codes.is_cpu(),
               "codes must be a contiguous 2-d uint8 CPU tensor");
-  TORCH_CHECK(codes.size(1) % kBlockBytes == 0, "codes must have whole 64-byte blocks per row");
-  TORCH_CHECK(in_features <= codes.size(1) / kBlockBytes * kBlockColumns,
-              "the input has more columns than the codes hold");
+  TORCH_CHECK(codes.size(0) == (n_out + kGroupRows - 1) / kGroupRows && codes.size(1) % kChunkBytes == 0,
+              "codes must hold ceil(out_features / 16) groups of whole 64-byte chunks");
+  TORCH_CHECK(in_features <= padded_columns(codes), "the input has more columns than the codes hold");
+  TORCH_CHECK(padded_columns(codes) <= (int64_t{1} << 19), "in_features above 2^19 could overflow int32");
   TORCH_CHECK(isa >= kScalar && isa <= best_isa(), "this CPU cannot run kernel ", isa);
 }
 
-// sum(w * q) for every token and output row, rows split over torch's intra-op threads.
-at::Tensor accumulate(const Tokens& tokens, const at::Tensor& codes, int64_t isa) {
-  const int64_t n_out = codes.size(0), blocks = codes.size(1) / kBlockBytes;
+// sum(w * q) for every token and output row; groups of rows split over torch's intra-op threads.
+at::Tensor accumulate(const Tokens& tokens, const at::Tensor& codes, int64_t n_out, int64_t isa) {
+  const int64_t chunks = codes.size(1) / kChunkBytes;
   at::Tensor out = at::empty({tokens.rows, n_out}, at::kInt);
   int32_t* data = out.data_ptr<int32_t>();
-  const int64_t grain = std::max<int64_t>(kRowTile, (int64_t{1} << 16) / (blocks * kBlockColumns));
-  at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin; n0 < end; n0 += kRowTile)
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (chunks * kChunkColumns * kGroupRows));
+  at::parallel_for(0, codes.size(0), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g0 = begin; g0 < end; g0 += kGroupTile)
       for (int64_t m0 = 0; m0 < tokens.rows; m0 += kTokenTile) {
-        const Job job{codes.data_ptr<uint8_t>(), blocks, &tokens.q[m0 * tokens.padded], &tokens.sums[m0],
+        const Job job{codes.data_ptr<uint8_t>(), chunks, &tokens.q[m0 * tokens.padded], &tokens.sums[m0],
                       tokens.padded, data + m0 * n_out, n_out};
-        kRowsByTile[std::min(kTokenTile, tokens.rows - m0) - 1](isa, job, n0, std::min(end, n0 + kRowTile));
+        kGroupsByTile[std::min(kTokenTile, tokens.rows - m0) - 1](isa, job, g0, std::min(end, g0 + kGroupTile));
       }
   });
   return out;
 }
 
-at::Tensor checked_input(const at::Tensor& x, const at::Tensor& codes, int64_t isa) {
+at::Tensor checked_input(const at::Tensor& x, const at::Tensor& codes, int64_t n_out, int64_t isa) {
   TORCH_CHECK(x.dim() == 2 && x.is_cpu() && x.dtype() == at::kFloat, "x must be a 2-d float32 CPU tensor");
-  check_codes(codes, x.size(1), isa);
+  check_codes(codes, n_out, x.size(1), isa);
   return x.contiguous();
 }
 
 // q int8 [M, K] -> sum(w * q) int32 [M, N]: the integer product alone, for tests.
-at::Tensor int8_product(const at::Tensor& q, const at::Tensor& codes, int64_t isa) {
+at::Tensor int8_product(const at::Tensor& q, const at::Tensor& codes, int64_t n_out, int64_t isa) {
   TORCH_CHECK(q.dim() == 2 && q.is_cpu() && q.dtype() == at::kChar, "q must be a 2-d int8 CPU tensor");
-  check_codes(codes, q.size(1), isa);
-  return accumulate(from_int8(q.contiguous(), codes.size(1) / kBlockBytes * kBlockColumns), codes, isa);
+  check_codes(codes, n_out, q.size(1), isa);
+  return accumulate(from_int8(q.contiguous(), padded_columns(codes)), codes, n_out, isa);
 }
 
 // x float [M, K] -> (sum(w * q) int32 [M, N], step float [M, 1]): BitLinear's integers and step.
-std::tuple<at::Tensor, at::Tensor> integer_forward(const at::Tensor& x, const at::Tensor& codes, bool input_norm,
-                                                   int64_t isa) {
-  const int64_t padded = codes.size(1) / kBlockBytes * kBlockColumns;
-  const Tokens tokens = quantize(checked_input(x, codes, isa), padded, input_norm, isa);
+std::tuple<at::Tensor, at::Tensor> integer_forward(const at::Tensor& x, const at::Tensor& codes, int64_t n_out,
+                                                   bool input_norm, int64_t isa) {
+  const Tokens tokens = quantize(checked_input(x, codes, n_out, isa), padded_columns(codes), input_norm, isa);
   at::Tensor steps = at::empty({tokens.rows, 1}, at::kFloat);
   std::copy(tokens.steps.begin(), tokens.steps.end(), steps.data_ptr<float>());
-  return {accumulate(tokens, codes, isa), steps};
+  return {accumulate(tokens, codes, n_out, isa), steps};
 }
 
 // The whole layer: y = sum(w * q) * (step * scale) + bias, float [M, N].
-at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, double scale, const std::optional<at::Tensor>& bias,
-                  bool input_norm, int64_t isa) {
-  const int64_t padded = codes.size(1) / kBlockBytes * kBlockColumns;
-  const Tokens tokens = quantize(checked_input(x, codes, isa), padded, input_norm, isa);
-  const at::Tensor acc = accumulate(tokens, codes, isa);
-  const int64_t n_out = codes.size(0);
+at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, int64_t n_out, double scale,
+                  const std::optional<at::Tensor>& bias, bool input_norm, int64_t isa) {
+  const Tokens tokens = quantize(checked_input(x, codes, n_out, isa), padded_columns(codes), input_norm, isa);
+  const at::Tensor acc = accumulate(tokens, codes, n_out, isa);
   TORCH_CHECK(!bias || (bias->dtype() == at::kFloat && bias->numel() == n_out), "bias must be float32 [out_features]");
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const float* bias_data = bias ? b.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({tokens.rows, n_out}, at::kFloat);
   const int32_t* a = acc.data_ptr<int32_t>();
   float* out = y.data_ptr<float>();
   for (int64_t m = 0; m < tokens.rows; ++m) {
     const float factor = tokens.steps[m] * static_cast<float>(scale);
     for (int64_t n = 0; n < n_out; ++n)
-      out[m * n_out + n] = static_cast<float>(a[m * n_out + n]) * factor + (bias ? b.data_ptr<float>()[n] : 0.0f);
+      out[m * n_out + n] = static_cast<float>(a[m * n_out + n]) * factor + (bias_data ? bias_data[n] : 0.0f);
   }
   return y;
 }
@@ -385,7 +414,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, double scale, co
 
 TORCH_LIBRARY(ryzen_bitnet, m) {
   m.def("best_isa() -> int", &best_isa);
-  m.def("int8_product(Tensor q, Tensor codes, int isa) -> Tensor", &int8_product);
-  m.def("integer_forward(Tensor x, Tensor codes, bool input_norm, int isa) -> (Tensor, Tensor)", &integer_forward);
-  m.def("linear(Tensor x, Tensor codes, float scale, Tensor? bias, bool input_norm, int isa) -> Tensor", &linear);
+  m.def("int8_product(Tensor q, Tensor codes, int out_features, int isa) -> Tensor", &int8_product);
+  m.def("integer_forward(Tensor x, Tensor codes, int out_features, bool input_norm, int isa) -> (Tensor, Tensor)",
+        &integer_forward);
+  m.def("linear(Tensor x, Tensor codes, int out_features, float scale, Tensor? bias, bool input_norm, int isa) -> Tensor",
+        &linear);
 }
