@@ -191,56 +191,51 @@ def gguf_vocabulary(tokenizer: dict[str, Any]) -> tuple[list[str], list[int], li
 
 
 class LlamaCppBackend:
-    """A GGUF file run by llama-cpp-python, one context per batch row.
-
-    llama-cpp-python's `Llama` holds one sequence, so a batch runs its rows one after another
-    at each step; batch > 1 figures therefore understate what llama.cpp's own batched server does.
-    """
+    """A GGUF file run by llama.cpp: generation decodes all rows of a batch together in one context
+    (llamacpp_context.py); full-sequence logits and the tokenizer go through llama-cpp-python's `Llama`."""
 
     def __init__(self, directory: str | Path, manifest: dict[str, Any], threads: int | None = None):
+        from llama_cpp import Llama
+
         self.directory = Path(directory)
         self.name = manifest["name"]
         self.context_length: int | None = manifest.get("context_length")
         self.threads = default_threads(threads)
         self.model_path = self.directory / manifest.get("file", MODEL_FILE)
-        self.contexts = [self._context()]
-
-    def _context(self):
-        from llama_cpp import Llama
-
         n_ctx = self.context_length or 2048
-        return Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.threads,
-                     n_threads_batch=self.threads, logits_all=True, verbose=False)
-
-    def _rows(self, batch: int) -> list:
-        while len(self.contexts) < batch:
-            self.contexts.append(self._context())
-        for context in self.contexts[:batch]:
-            context.reset()
-        return self.contexts[:batch]
+        self.llama = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.threads,
+                           n_threads_batch=self.threads, logits_all=True, verbose=False)
+        self.sequences: dict[int, Any] = {}  # batch size -> LlamaCppSequences, kept: making one allocates its cache
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = check_request(input_ids, context_length=self.context_length)
         rows = []
-        for context, row in zip(self._rows(len(ids)), ids.tolist()):
-            context.eval(row)
-            rows.append(np.array(context.scores[: len(row)], dtype=np.float32))
+        for row in ids.tolist():
+            self.llama.reset()
+            self.llama.eval(row)
+            rows.append(np.array(self.llama.scores[: len(row)], dtype=np.float32))
         return torch.from_numpy(np.stack(rows))
+
+    def _context(self, batch: int, positions: int):
+        from .llamacpp_context import LlamaCppSequences, capacity_for
+
+        context = self.sequences.get(batch)
+        capacity = min(capacity_for(positions), self.context_length or positions * 2)
+        if context is None or context.capacity < positions:
+            if context is not None:
+                context.close()
+            context = LlamaCppSequences(self.llama._model.model, self.llama.n_vocab(), batch,
+                                        max(capacity, positions), self.threads)
+            self.sequences[batch] = context
+        context.reset()
+        return context
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, on_token: OnToken | None = None,
                  **sampling) -> torch.Tensor:
         ids = check_request(input_ids, max_new_tokens, self.context_length)
-        contexts = self._rows(len(ids))
-
-        def step(feed: np.ndarray) -> np.ndarray:
-            last = []
-            for context, row in zip(contexts, feed.tolist()):
-                context.eval(row)
-                last.append(context.scores[context.n_tokens - 1])
-            return np.stack(last)
-
-        return decode_loop(step, input_ids, ids, max_new_tokens, on_token=on_token, **sampling)
+        context = self._context(len(ids), ids.shape[1] + max_new_tokens)
+        return decode_loop(context.step, input_ids, ids, max_new_tokens, on_token=on_token, **sampling)
 
     def encode(self, text: str) -> list[int]:
         """llama.cpp's own tokenization of `text` (special tokens read as text, no bos)."""
-        return self.contexts[0].tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)

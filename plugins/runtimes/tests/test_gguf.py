@@ -134,6 +134,27 @@ def test_llamacpp_f16_logits_and_greedy_tokens_follow_torch(llamacpp_exports, pr
     assert (out == expected_ids).float().mean() >= 0.8
 
 
+def test_llamacpp_decodes_a_batch_together_as_each_row_alone(llamacpp_exports, prompts):
+    """Rows of a batch are separate sequences of one llama.cpp context: the same logits as the
+    one-sequence `Llama` gives for each row (prefill and cached steps), and no row sees another."""
+    _, exports = llamacpp_exports
+    backend = exports["Q8_0"]
+    together = backend.generate(prompts, 6)
+    alone = torch.cat([backend.generate(prompts[i:i + 1], 6) for i in range(len(prompts))])
+    assert backend.sequences.keys() == {1, len(prompts)}
+    assert torch.equal(together, alone)
+    context = backend.sequences[len(prompts)]
+    context.reset()
+    prompt_logits = context.step(prompts.numpy())
+    step_logits = context.step(together[:, prompts.shape[1]:prompts.shape[1] + 1].numpy())
+    whole = backend.logits(together[:, :prompts.shape[1] + 1])
+    # Q8_0 products of a batch and of one row take different kernels: equal to rounding, not bit for bit.
+    np.testing.assert_allclose(prompt_logits, whole[:, -2].numpy(), atol=1e-2 * float(whole.abs().max()))
+    np.testing.assert_allclose(step_logits, whole[:, -1].numpy(), atol=1e-2 * float(whole.abs().max()))
+    with pytest.raises(ValueError, match="exceed"):
+        context.step(np.zeros((len(prompts), context.capacity), dtype=np.int64))
+
+
 def test_matrices_are_stored_as_nn_linear_weights_out_by_in(source, tmp_path):
     """llama.cpp reads every matrix as [out, in] (ne0 = in), which is nn.Linear's layout: checked against the
     torch model's own modules, not against the converter's reading of the HF files."""
