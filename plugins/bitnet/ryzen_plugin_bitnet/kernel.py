@@ -8,8 +8,8 @@ float rescale differs from training's `(q * step) @ (t * scale)^T` by rounding.
 Two implementations of the product, chosen per layer (`kernel`):
 
 - `cpp-vnni` / `cpp-avx2` / `cpp-scalar` (cpp_kernel.py): the whole layer in one C++ call that reads
-  the 2-bit codes, for up to `MAX_CPP_ROWS` rows (decode, small batches). Above that (prefill,
-  perplexity over whole sequences) the layer unpacks an int8 copy on first use and runs torch's.
+  the 2-bit codes, at any number of rows (it was faster than the torch int8 path below from 1 to 512
+  rows when measured, benchmarks/bench_kernel.py and the README).
 - `int_mm` (`torch._int_mm`, oneDNN int8 GEMM) on an int8 copy of the weights, or `int32` (an int32
   matmul) where `_int_mm` is not exact for the shape: the fallback when the C++ kernel cannot be
   built, or when asked for.
@@ -27,9 +27,6 @@ from .quant import BitLinear, quantizable_linears, quantized_input, replace_modu
 
 TORCH_KERNELS = ("int_mm", "int32")
 CPP_KERNELS = tuple(cpp_kernel.ISA_NAMES.values())
-MAX_CPP_ROWS = 16
-"""Rows (tokens) up to which the C++ kernel runs; above, the torch int8 GEMM, which was faster from 64
-rows on when measured (benchmarks/bench_kernel.py)."""
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -83,7 +80,7 @@ class TernaryLinear(nn.Module):
         self.out_features, self.in_features = t.shape
         self.register_buffer("scale", scale.reshape(()).float())
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.input_norm, self.fallback_reason, self.int8_copy = input_norm, None, None
+        self.input_norm, self.fallback_reason = input_norm, None
         self.kernel = self._choose_kernel(kernel)
         self.register_buffer("codes" if self.cpp else "ternary",
                              cpp_kernel.block_codes(t) if self.cpp else t.contiguous())
@@ -109,28 +106,17 @@ class TernaryLinear(nn.Module):
     def cpp(self) -> bool:
         return self.kernel in CPP_KERNELS
 
-    def _torch_weights(self) -> tuple[torch.Tensor, str]:
-        """The int8 weights [out, in] and the torch kernel for them (a C++ layer unpacks them once)."""
-        if not self.cpp:
-            return self.ternary, self.kernel
-        if self.int8_copy is None:
-            t = cpp_kernel.unblock_codes(self.codes, self.out_features, self.in_features)
-            self.int8_copy = (t, "int_mm" if int_mm_works(t) else "int32")
-        return self.int8_copy
-
     def integer_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(acc int32 [M, out], step [M, 1]) for x [..., in] flattened to M rows."""
         x = x.reshape(-1, self.in_features).float()
-        if self.cpp and x.shape[0] <= MAX_CPP_ROWS:
+        if self.cpp:
             return cpp_kernel.integer_forward(x.contiguous(), self.codes, self.out_features, self.input_norm, self.isa)
         q, step = quantized_input(x, self.input_norm)
-        t, kernel = self._torch_weights()
-        return int8_matmul(q.to(torch.int8), t.t(), kernel), step
+        return int8_matmul(q.to(torch.int8), self.ternary.t(), self.kernel), step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if self.cpp and rows <= MAX_CPP_ROWS:
-            flat = x.reshape(rows, self.in_features).float().contiguous()
+        if self.cpp:
+            flat = x.reshape(-1, self.in_features).float().contiguous()
             y = cpp_kernel.linear(flat, self.codes, self.out_features, self.scale_value, self.bias, self.input_norm,
                                   self.isa)
         else:
@@ -149,7 +135,7 @@ def kernel_description(model: nn.Module) -> str:
     layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
     kernels = sorted({m.kernel for m in layers})
     if layers and all(m.cpp for m in layers):
-        return f"{', '.join(kernels)} (up to {MAX_CPP_ROWS} rows; torch int8 above)"
+        return ", ".join(kernels)
     reasons = sorted({m.fallback_reason for m in layers if m.fallback_reason})
     why = f"fallback ({'; '.join(reasons)})" if reasons else "(asked for)"
     return f"torch-int8 {why}: {', '.join(kernels)}"
