@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Event, Refused, Sampling
-from .protocol import ApiError, CompletionIds, CompletionRequest, error_body, parse_request, prompt_text, sse, usage
+from .protocol import (ApiError, CompletionIds, CompletionRequest, error_body, parse_request, prompt_texts, sse,
+                       usage)
 
 REFUSALS = {"queue_full": (429, "rate_limit_error"), "loading": (503, "server_error"),
             "shutting_down": (503, "server_error")}
@@ -47,7 +48,7 @@ def create_app(engine: Engine, model_name: str, shutdown_deadline_s: float = 30.
     @app.get("/health")
     async def health():
         if engine.ready.is_set() and engine.accepting:
-            return {"status": "ok"}
+            return {"status": "ok", **engine.describe()}
         state = "shutting down" if not engine.accepting else "loading"
         return JSONResponse({"status": state}, status_code=503)
 
@@ -58,7 +59,7 @@ def create_app(engine: Engine, model_name: str, shutdown_deadline_s: float = 30.
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "ryzen"}]}
+                                            "owned_by": "ryzen", "ryzen": engine.describe()}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -66,79 +67,104 @@ def create_app(engine: Engine, model_name: str, shutdown_deadline_s: float = 30.
         if body.model != model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                            "model_not_found")
-        prompt, sampling = _prepare(engine, body)
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        seq = _submit(engine, prompt, sampling, events)
+        choices = _prepare(engine, body)
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        seqs = _submit(engine, choices, events)
         ids = CompletionIds(model_name)
         if body.stream:
-            return StreamingResponse(_stream(engine, seq, events, ids), media_type="text/event-stream")
-        return await _complete(engine, seq, events, ids, request)
+            return StreamingResponse(_stream(engine, seqs, events, ids), media_type="text/event-stream")
+        return await _complete(engine, seqs, events, ids, request)
 
     return app
 
 
-def _prepare(engine: Engine, body: CompletionRequest) -> tuple[list[int], Sampling]:
-    prompt = engine.tokenizer.encode(prompt_text(body))
-    problem = engine.check(prompt, body.max_tokens)
-    if problem:
-        raise ApiError(400, problem, "invalid_value")
-    return prompt, Sampling(body.max_tokens, body.temperature, body.top_k, body.top_p, body.seed, body.stop_strings())
+def _prepare(engine: Engine, body: CompletionRequest) -> list[tuple[list[int], Sampling]]:
+    """(prompt tokens, sampling) of every choice: for each prompt in order, n choices. With a seed, choice i
+    samples with seed + i, so the choices of one request differ and the request as a whole repeats."""
+    choices = []
+    for text in prompt_texts(body):
+        prompt = engine.tokenizer.encode(text)
+        problem = engine.check(prompt, body.max_tokens)
+        if problem:
+            raise ApiError(400, problem, "invalid_value")
+        for _ in range(body.n):
+            seed = None if body.seed is None else body.seed + len(choices)
+            choices.append((prompt, Sampling(body.max_tokens, body.temperature, body.top_k, body.top_p, seed,
+                                             body.stop_strings())))
+    return choices
 
 
-def _submit(engine: Engine, prompt: list[int], sampling: Sampling, events: asyncio.Queue):
+def _submit(engine: Engine, choices: list[tuple[list[int], Sampling]], events: asyncio.Queue) -> list:
+    """Queue every choice's sequence; each one's events reach `events` tagged with its choice index."""
     loop = asyncio.get_running_loop()
 
-    def sink(event: Event) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the loop closed: the client and its handler are gone
-            pass
+    def sink_for(index: int):
+        def sink(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (index, event))
+            except RuntimeError:  # the loop closed: the client and its handler are gone
+                pass
+        return sink
 
     try:
-        return engine.submit(prompt, sampling, sink)
+        return engine.submit_all([(prompt, sampling, sink_for(i)) for i, (prompt, sampling) in enumerate(choices)])
     except Refused as exc:
         status, kind = REFUSALS[exc.reason]
         raise ApiError(status, str(exc), exc.reason, kind, {"Retry-After": "1"}) from None
 
 
-async def _complete(engine: Engine, seq, events: asyncio.Queue, ids: CompletionIds, request: Request):
-    """Wait for the whole completion; a client that disconnects meanwhile frees its slot."""
-    pieces = []
+def _usage(seqs: list) -> dict[str, int]:
+    """Prompt tokens once per distinct prompt (n choices share theirs), completion tokens of every choice."""
+    prompts = {id(seq.prompt): len(seq.prompt) for seq in seqs}
+    return usage(sum(prompts.values()), sum(len(seq.tokens) for seq in seqs))
+
+
+def _cancel_all(engine: Engine, seqs: list) -> None:
+    for seq in seqs:
+        engine.cancel(seq)  # a no-op for a finished sequence
+
+
+async def _complete(engine: Engine, seqs: list, events: asyncio.Queue, ids: CompletionIds, request: Request):
+    """Wait for every choice; a client that disconnects meanwhile frees their slots."""
+    texts, finished = [[] for _ in seqs], {}
     try:
-        while True:
+        while len(finished) < len(seqs):
             try:
-                event = await asyncio.wait_for(events.get(), timeout=1.0)
+                index, event = await asyncio.wait_for(events.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    engine.cancel(seq)
+                    _cancel_all(engine, seqs)
                     return Response(status_code=499)
                 continue
             if event.kind == "text":
-                pieces.append(event.text)
+                texts[index].append(event.text)
             elif event.kind == "error":
+                _cancel_all(engine, seqs)
                 raise ApiError(ERROR_STATUS.get(event.code, 500), event.text, event.code, "server_error")
             else:
-                return ids.body("".join(pieces), event.finish_reason,
-                                usage(event.prompt_tokens, event.completion_tokens))
+                finished[index] = event.finish_reason
     except asyncio.CancelledError:
-        engine.cancel(seq)
+        _cancel_all(engine, seqs)
         raise
+    return ids.body([(i, "".join(texts[i]), finished[i]) for i in range(len(seqs))], _usage(seqs))
 
 
-async def _stream(engine: Engine, seq, events: asyncio.Queue, ids: CompletionIds):
-    """SSE chunks in OpenAI's shape, the last with the finish reason and usage, then `data: [DONE]`.
-    When the client disconnects the server cancels this generator, and the sequence leaves the batch."""
+async def _stream(engine: Engine, seqs: list, events: asyncio.Queue, ids: CompletionIds):
+    """SSE chunks in OpenAI's shape, one choice each (its `index` says which); a choice's last chunk has its
+    finish reason, the very last one also the usage of all; then `data: [DONE]`. When the client
+    disconnects the server cancels this generator, and the sequences leave the batch."""
+    finished = 0
     try:
-        while True:
-            event = await events.get()
+        while finished < len(seqs):
+            index, event = await events.get()
             if event.kind == "text":
-                yield sse(ids.body(event.text, None))
+                yield sse(ids.body([(index, event.text, None)]))
             elif event.kind == "error":
                 yield sse(error_body(event.text, "server_error", event.code))
                 break
             else:
-                yield sse(ids.body("", event.finish_reason, usage(event.prompt_tokens, event.completion_tokens)))
-                break
+                finished += 1
+                yield sse(ids.body([(index, "", event.finish_reason)], _usage(seqs) if finished == len(seqs) else None))
         yield sse("[DONE]")
     finally:
-        engine.cancel(seq)  # a no-op for a finished sequence
+        _cancel_all(engine, seqs)

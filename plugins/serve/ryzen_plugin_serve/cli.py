@@ -18,18 +18,33 @@ def fail(message: str) -> NoReturn:
     click.get_current_context().exit(2)
 
 
-def load_engine(run_dir: Path, limits, threads: int | None):
-    """An Engine (not started) over the run's trained model, and the name it is served under."""
+def load_engine(run_dir: Path, limits, threads: int | None, backend: str = "torch", plugins: list[str] = ()):
+    """An Engine (not started) over what the run serves: its torch model batched, or (see model_sources) an
+    export or the model through plugins' on_infer, one whole request at a time."""
     import torch
 
-    from ryzen_core import context_length, load_trained_model
+    from ryzen_core import Tokenizer, context_length, load_trained_model
 
     from .engine import Engine
+    from .model_sources import export_backend, folded_backend
+    from .runners import WholeRequestRunner
 
     if threads:
         torch.set_num_threads(threads)
+    if backend != "torch":
+        if plugins:
+            raise ValueError("--plugins folds on_infer into the torch model's generation; use it with --backend torch")
+        served, directory = export_backend(run_dir, backend)
+        tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else \
+            load_trained_model(run_dir)[1]
+        context = getattr(served, "context_length", None) or context_length(load_trained_model(run_dir)[0])
+        return Engine(None, tokenizer, context, limits, runner=WholeRequestRunner(served, f"export {directory}"))
     model, tokenizer, _ = load_trained_model(run_dir)
-    return Engine(model, tokenizer, context_length(model), limits)
+    if not plugins:
+        return Engine(model, tokenizer, context_length(model), limits)
+    served, _ = folded_backend(model, tokenizer, run_dir, list(plugins))
+    runner = WholeRequestRunner(served, f"the torch model's generation through on_infer of {', '.join(plugins)}")
+    return Engine(model, tokenizer, context_length(model), limits, runner=runner)
 
 
 def default_model_name(run_dir: Path) -> str:
@@ -38,8 +53,13 @@ def default_model_name(run_dir: Path) -> str:
 
 @click.command("serve")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True,
-              help="What runs the model: Ryzen's torch KV-cache decoder with continuous batching.")
+@click.option("--backend", default="torch", show_default=True,
+              help="torch: the trained model with continuous batching. Or an export the run holds, by backend name "
+                   "(e.g. onnxruntime-fp32) or directory, loaded by its plugin's load_backend: served one request "
+                   "at a time.")
+@click.option("--plugins", default=None, metavar="A,B",
+              help="Fold these plugins' on_infer over the torch model's generation, as `ryzen run` validates a "
+                   "variant (settings from the run's config.json): served one request at a time.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--model-name", default=None, help="The model id clients send. [default: RUN_DIR's name]")
@@ -56,7 +76,7 @@ def default_model_name(run_dir: Path) -> str:
 @click.option("--shutdown-deadline", type=click.FloatRange(min=0.0), default=30.0, show_default=True,
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
-def serve_command(run_dir, backend, host, port, model_name, max_batch, max_queue, max_prompt_tokens, max_tokens,
+def serve_command(run_dir, backend, plugins, host, port, model_name, max_batch, max_queue, max_prompt_tokens, max_tokens,
                   timeout_s, shutdown_deadline, threads):
     """Serve RUN_DIR's trained model: POST /v1/completions (OpenAI), /v1/models, /health, /metrics."""
     import uvicorn
@@ -67,8 +87,9 @@ def serve_command(run_dir, backend, host, port, model_name, max_batch, max_queue
     from .engine import Limits
 
     limits = Limits(max_batch, max_queue, max_prompt_tokens, max_tokens, timeout_s)
+    names = [n.strip() for n in (plugins or "").split(",") if n.strip()]
     try:
-        engine = load_engine(run_dir, limits, threads)
+        engine = load_engine(run_dir, limits, threads, backend, names)
     except (RyzenError, ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     app = create_app(engine, model_name or default_model_name(run_dir), shutdown_deadline)

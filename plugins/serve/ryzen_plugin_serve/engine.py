@@ -24,7 +24,7 @@ import torch
 from ryzen_core import sample_next
 
 from .metrics import ServerMetrics
-from .runners import runner_for
+from .runners import Abandoned, runner_for
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,16 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer, context_length: int, limits: Limits = Limits(),
-                 metrics: ServerMetrics | None = None):
-        self.model, self.tokenizer, self.context_length, self.limits = model.eval(), tokenizer, context_length, limits
+    """Serves `model` batched, or (given `runner`, a WholeRequestRunner) a backend one request at a time."""
+
+    def __init__(self, model: torch.nn.Module | None, tokenizer, context_length: int, limits: Limits = Limits(),
+                 metrics: ServerMetrics | None = None, runner=None):
+        self.model, self.tokenizer, self.context_length, self.limits = model, tokenizer, context_length, limits
+        if model is not None:
+            model.eval()
         self.metrics = metrics or ServerMetrics(limits.max_batch)
-        self.runner = runner_for(model, limits.max_batch)
+        self.runner = runner or runner_for(model, limits.max_batch)
+        self.whole_requests = getattr(self.runner, "whole_requests", False)
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self.ready = threading.Event()
@@ -101,6 +106,15 @@ class Engine:
         self._wake = threading.Condition()
         self._gate = threading.Lock()  # held for one iteration; `paused()` holds it to freeze the scheduler
         self._thread = threading.Thread(target=self._run, name="ryzen-serve-scheduler", daemon=True)
+
+    def describe(self) -> dict:
+        """How this server runs requests, for /v1/models and /health."""
+        if self.whole_requests:
+            return {"backend": self.runner.name, "batching": "none: whole requests, one after another",
+                    "streaming": "the whole completion arrives at once, when it is done",
+                    "path": self.runner.description}
+        kind = "continuous (batched decode step)" if self.runner.batched else "continuous (sequences stepped in turn)"
+        return {"backend": "torch", "batching": kind, "max_batch": self.limits.max_batch}
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -116,18 +130,23 @@ class Engine:
 
     def submit(self, prompt: list[int], sampling: Sampling, sink: Callable[[Event], None]) -> Sequence:
         """Queue a request (its limits already checked by `check`), or raise Refused."""
+        return self.submit_all([(prompt, sampling, sink)])[0]
+
+    def submit_all(self, requests: list[tuple[list[int], Sampling, Callable[[Event], None]]]) -> list[Sequence]:
+        """Queue the sequences of one request (its prompts times n) together: all of them, or Refused."""
         if not self.accepting:
             raise Refused("shutting_down", "the server is shutting down")
         if not self.ready.is_set():
             raise Refused("loading", "the model is still loading")
-        seq = Sequence(prompt, sampling, sink, time.perf_counter() + self.limits.timeout_s)
+        deadline = time.perf_counter() + self.limits.timeout_s
+        seqs = [Sequence(prompt, sampling, sink, deadline) for prompt, sampling, sink in requests]
         with self._wake:
-            if len(self.waiting) >= self.limits.max_queue:
+            if len(self.waiting) + len(seqs) > self.limits.max_queue:
                 raise Refused("queue_full", f"{len(self.waiting)} requests are already waiting; retry shortly")
-            self.waiting.append(seq)
+            self.waiting.extend(seqs)
             self.metrics.waiting.set(len(self.waiting))
             self._wake.notify()
-        return seq
+        return seqs
 
     def check(self, prompt: list[int], max_tokens: int) -> str | None:
         """Why a prompt of these tokens with this max_tokens cannot be served, or None."""
@@ -176,9 +195,12 @@ class Engine:
         while not self._stopping:
             with self._gate:
                 try:
-                    self._admit()
-                    if self.active:
-                        self._decode_step()
+                    if self.whole_requests:
+                        self._serve_whole_request()
+                    else:
+                        self._admit()
+                        if self.active:
+                            self._decode_step()
                 except Exception as exc:  # a failing step must not kill the scheduler; its requests get the error
                     log.exception("decode step failed")
                     for seq in [*self.active]:
@@ -189,23 +211,60 @@ class Engine:
 
     def _warm_up(self) -> None:
         """One prefill and two decode steps, so the first request does not pay for lazy initialization."""
-        warm = Sequence(self.tokenizer.encode("warm up") or [self.tokenizer.eos_id], Sampling(2), lambda e: None, 0)
+        warm = Sequence(self.tokenizer.encode("warm up") or [self.tokenizer.eos_id], Sampling(2), lambda e: None,
+                        float("inf"))
+        if self.whole_requests:
+            self.runner.generate(warm, None)
+            return
         first = self.runner.prefill(warm, warm.prompt)
         for _ in range(2):
             first = self.runner.step([warm], [int(first.argmax())])[0]
         self.runner.release(warm)
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.active) < self.limits.max_batch:
+    def _next_waiting(self) -> Sequence | None:
+        """The next queued sequence worth running (cancelled or zero-token ones finish right away), or None."""
+        while True:
             with self._wake:
+                if not self.waiting:
+                    return None
                 seq = self.waiting.popleft()
                 self.metrics.waiting.set(len(self.waiting))
             if seq.cancelled:
                 self._finish(seq, "cancelled")
-                continue
-            if seq.sampling.max_tokens == 0:
+            elif seq.sampling.max_tokens == 0:
                 self._finish(seq, "length")
-                continue
+            else:
+                return seq
+
+    def _serve_whole_request(self) -> None:
+        """Generate the next request whole through the runner's backend, then hand its tokens over one by one
+        (with the times they were made) exactly as a decode step would."""
+        seq = self._next_waiting()
+        if seq is None:
+            return
+        self.active.append(seq)
+        self.metrics.running.set(1)
+        self.metrics.prompt_tokens.inc(len(seq.prompt))
+        try:
+            tokens = self.runner.generate(seq, self.tokenizer.eos_id)
+        except Abandoned as why:
+            if str(why) == "cancelled":
+                self._finish(seq, "cancelled")
+            else:
+                self._finish(seq, error=(f"the request ran longer than the server's timeout of "
+                                         f"{self.limits.timeout_s:g} s", "timeout"))
+            return
+        self.metrics.occupancy.observe(1)
+        for token, made_at in tokens:
+            if seq not in self.active:  # ended at end-of-text or a stop string; the backend went on
+                break
+            self._accept(seq, token, made_at)
+        if seq in self.active:  # the backend stopped short of max_tokens (its own context limit)
+            self._send(seq, self.tokenizer.decode(seq.tokens))
+            self._finish(seq, "length")
+
+    def _admit(self) -> None:
+        while len(self.active) < self.limits.max_batch and (seq := self._next_waiting()) is not None:
             logits = self.runner.prefill(seq, seq.prompt)
             self.metrics.prompt_tokens.inc(len(seq.prompt))
             self.active.append(seq)
@@ -229,9 +288,10 @@ class Engine:
         s = seq.sampling
         return [int(t) for t in sample_next(logits, s.temperature, s.top_k, s.top_p, seq.generator)]
 
-    def _accept(self, seq: Sequence, token: int) -> None:
-        """Take one new token of `seq`: send the text it completes, finish the sequence if it is done."""
-        now = time.perf_counter()
+    def _accept(self, seq: Sequence, token: int, now: float | None = None) -> None:
+        """Take one new token of `seq` (made at `now`, default: just now): send the text it completes, finish
+        the sequence if it is done."""
+        now = time.perf_counter() if now is None else now
         if token == self.tokenizer.eos_id:
             self._finish(seq, "stop")
             return

@@ -29,6 +29,7 @@ MALFORMED = {
     "empty_prompt": lambda model: _json(model=model, prompt=""),
     "unknown_model": lambda model: _json(model=model + "-nope", prompt="def "),
     "not_an_object": lambda model: b"[1, 2, 3]",
+    "too_many_choices": lambda model: _json(model=model, prompt="def ", n=100),
 }
 
 

@@ -12,6 +12,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+MAX_N = 8
+"""Most choices one request may ask for (`n`); each is a sequence of its own in the batch."""
+MAX_PROMPTS = 8
+"""Most prompts in one request's list."""
+MAX_CHOICES = 16
+"""Most sequences one request may start: prompts times n."""
+
 
 class CompletionRequest(BaseModel):
     """POST /v1/completions. Unknown fields are ignored, as OpenAI-compatible servers do."""
@@ -68,15 +75,20 @@ def parse_request(raw: bytes) -> CompletionRequest:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         raise ApiError(400, f"{where}: {first['msg']}", "invalid_value") from None
-    if isinstance(request.prompt, list) and len(request.prompt) != 1:
-        raise ApiError(400, "prompt: a list of prompts is not supported; send one string", "unsupported")
-    if request.n != 1:
-        raise ApiError(400, "n: only n=1 is supported", "unsupported")
+    prompts = prompt_texts(request)
+    if not 1 <= len(prompts) <= MAX_PROMPTS:
+        raise ApiError(400, f"prompt: send one string or a list of 1 to {MAX_PROMPTS}, got a list of {len(prompts)}",
+                       "invalid_value")
+    if request.n > MAX_N:
+        raise ApiError(400, f"n: at most {MAX_N} choices per request, got {request.n}", "invalid_value")
+    if len(prompts) * request.n > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts times n={request.n} is more than the {MAX_CHOICES} completions "
+                       "one request may ask for", "invalid_value")
     return request
 
 
-def prompt_text(request: CompletionRequest) -> str:
-    return request.prompt if isinstance(request.prompt, str) else request.prompt[0]
+def prompt_texts(request: CompletionRequest) -> list[str]:
+    return [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
 
 
 class CompletionIds:
@@ -85,9 +97,11 @@ class CompletionIds:
     def __init__(self, model: str):
         self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model
 
-    def body(self, text: str, finish_reason: str | None, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    def body(self, choices: list[tuple[int, str, str | None]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+        """A response (every choice) or a streamed chunk (one): choices as (index, text, finish_reason)."""
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]}
+                "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+                            for index, text, finish in choices]}
         if usage is not None:
             body["usage"] = usage
         return body

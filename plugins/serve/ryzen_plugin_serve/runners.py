@@ -9,8 +9,13 @@ on the prompt alone (exactly what `ryzen_core.generate` does) and copies its cac
 `StepwiseRunner` is for any other model `model_outputs` drives (Hugging Face causal LMs): each
 sequence keeps the model's own cache object and is stepped on its own within the iteration, so
 sequences still join and leave at every step, but the matmuls are not batched.
+
+`WholeRequestRunner` serves a `ryzen_core.Backend` (an export, or a generate function plugins' `on_infer`
+made): its `generate` makes a whole request per call, so requests run one after another.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +108,42 @@ class StepwiseRunner:
 
     def release(self, seq) -> None:
         seq.past = None
+
+
+class Abandoned(Exception):
+    """Raised inside a backend's generate (from its on_token) to stop a request nobody waits for."""
+
+
+class WholeRequestRunner:
+    """A backend whose `generate` makes one whole request per call: no batching, no joining mid-way."""
+
+    batched = False
+    whole_requests = True
+
+    def __init__(self, backend, description: str):
+        self.backend, self.name, self.description = backend, backend.name, description
+
+    def generate(self, seq, eos_id: int | None) -> list[tuple[int, float]]:
+        """The new tokens of `seq` with the time each was made; raises Abandoned once the sequence is
+        cancelled or past its deadline (checked after every token)."""
+        stamps = []
+
+        def on_token(i: int) -> None:
+            stamps.append(time.perf_counter())
+            if seq.cancelled or stamps[-1] > seq.deadline:
+                raise Abandoned("cancelled" if seq.cancelled else "timeout")
+
+        s = seq.sampling
+        with torch.inference_mode():
+            out = self.backend.generate(torch.tensor([seq.prompt]), s.max_tokens, temperature=s.temperature,
+                                        top_k=s.top_k, top_p=s.top_p, eos_token_id=eos_id, generator=seq.generator,
+                                        on_token=on_token)
+        new = out[0, len(seq.prompt):].tolist()
+        end = time.perf_counter()
+        return [(token, stamps[i] if i < len(stamps) else end) for i, token in enumerate(new)]
+
+    def release(self, seq) -> None:
+        pass
 
 
 def runner_for(model: torch.nn.Module, max_batch: int):

@@ -37,7 +37,8 @@ def test_health_is_503_until_the_model_is_loaded_and_warm_then_200(loaded):
     assert TestClient(app).get("/health").status_code == 503  # lifespan not run: the engine never started
     with TestClient(app) as client:
         assert engine.ready.wait(timeout=600)
-        assert client.get("/health").json() == {"status": "ok"}
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["batching"].startswith("continuous") and health["max_batch"] == 8
 
 
 def test_models_lists_the_served_model(client):
@@ -76,6 +77,35 @@ def test_the_same_seed_samples_the_same_completion(client):
     assert first == second
 
 
+def test_n_choices_of_a_list_of_prompts_are_each_what_generate_makes_in_openai_order(client, loaded, greedy):
+    tokenizer = loaded[1]
+    prompts = ["def ", "import os\n"]
+    body = complete(client, prompts, n=2, max_tokens=6, temperature=0).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    expected = [greedy(p, 6) for p in prompts for _ in range(2)]  # each prompt's n choices, prompt by prompt
+    assert [c["text"] for c in body["choices"]] == [tokenizer.decode(t) for t in expected]
+    assert body["usage"]["prompt_tokens"] == sum(len(tokenizer.encode(p)) for p in prompts)  # once per prompt
+    assert body["usage"]["completion_tokens"] == sum(len(t) for t in expected)
+
+
+def test_sampled_choices_differ_and_a_seed_repeats_the_whole_request(client):
+    fields = dict(n=4, max_tokens=12, temperature=1.0, seed=11)
+    first, again = ([c["text"] for c in complete(client, "def ", **fields).json()["choices"]] for _ in range(2))
+    assert first == again and len(set(first)) > 1
+
+
+def test_streamed_choices_carry_their_index_and_add_up_to_the_plain_response(client):
+    fields = {"model": MODEL, "prompt": "def ", "n": 3, "max_tokens": 8, "temperature": 1.0, "seed": 5}
+    plain = [c["text"] for c in client.post("/v1/completions", json=fields).json()["choices"]]
+    with client.stream("POST", "/v1/completions", json={**fields, "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    streamed = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(3)]
+    assert streamed == plain
+    assert sum(1 for c in chunks if c["choices"][0]["finish_reason"]) == 3 and "usage" in chunks[-1]
+
+
 BAD_INPUTS = [
     (b"{not json", 400, "invalid_json"),
     (b"[1, 2]", 400, "invalid_json"),
@@ -90,8 +120,12 @@ BAD_INPUTS = [
     (b'{"model": "tiny", "prompt": "def", "stream": "yes"}', 400, "invalid_value"),
     (b'{"model": "tiny", "prompt": ""}', 400, "invalid_value"),
     (json.dumps({"model": "tiny", "prompt": "word " * 500}).encode(), 400, "invalid_value"),
-    (b'{"model": "tiny", "prompt": ["a", "b"]}', 400, "unsupported"),
-    (b'{"model": "tiny", "prompt": "def", "n": 2}', 400, "unsupported"),
+    (b'{"model": "tiny", "prompt": []}', 400, "invalid_value"),
+    (json.dumps({"model": "tiny", "prompt": ["def"] * 9}).encode(), 400, "invalid_value"),
+    (b'{"model": "tiny", "prompt": "def", "n": 9}', 400, "invalid_value"),
+    (b'{"model": "tiny", "prompt": "def", "n": 0}', 400, "invalid_value"),
+    (b'{"model": "tiny", "prompt": ["def", "class", "return"], "n": 6}', 400, "invalid_value"),
+    (b'{"model": "tiny", "prompt": ["def", ""]}', 400, "invalid_value"),
     (b'{"model": "gpt-4", "prompt": "def"}', 404, "model_not_found"),
 ]
 

@@ -30,6 +30,8 @@ def test_the_openai_client_works_unchanged_then_sigterm_finishes_the_stream_and_
     streamed = "".join(chunk.choices[0].text for chunk in
                        client.completions.create(model="tiny", prompt="def ", max_tokens=8, temperature=0, stream=True))
     assert streamed == plain.choices[0].text
+    several = client.completions.create(model="tiny", prompt=["def ", "import os\n"], n=2, max_tokens=4, seed=1)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
 
     first_chunk, pieces = threading.Event(), []
 
