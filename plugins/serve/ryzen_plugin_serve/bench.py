@@ -106,7 +106,7 @@ class Bench:
         before = metric_values(url)
         load = {"concurrency": int(level)} if s.mode == "concurrency" else {"rate": level}
         run = asyncio.run(run_load(url, specs, duration_s=s.duration_s, timeout_s=s.timeout_s,
-                                   seed=s.seed * 1000 + round_index, **load))
+                                   seed=s.seed * 1000 + round_index, on_result=self.progress(label, level), **load))
         after = wait_idle(url)
         steps = after.get(OCCUPANCY[1], 0) - before.get(OCCUPANCY[1], 0)
         occupancy = (after.get(OCCUPANCY[0], 0) - before.get(OCCUPANCY[0], 0)) / steps if steps else None
@@ -122,6 +122,18 @@ class Bench:
                  f"{run.wall_s:.1f} s, {summary['tokens_per_s']:.0f} tok/s, TTFT p95 {ttft['p95']:.0f} ms, "
                  f"errors {sum(summary['errors'].values())}")
         return run
+
+    def progress(self, label: str, level: float) -> Callable[[RequestResult], None]:
+        """A line every tenth of a long load (200 requests or more), so a long run is not silent."""
+        every, seen, errors = max(1, self.settings.requests // 10), [0], Counter()
+
+        def on_result(result: RequestResult) -> None:
+            seen[0] += 1
+            errors.update([result.error] if result.error else [])
+            if self.settings.requests >= 200 and seen[0] % every == 0:
+                self.say(f"  {self.settings.mode} {level:g} {label}: {seen[0]}/{self.settings.requests} requests "
+                         f"answered, errors {dict(errors) or 0}")
+        return on_result
 
     def run(self) -> dict:
         labels = list(self.servers)

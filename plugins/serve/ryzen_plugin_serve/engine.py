@@ -1,7 +1,7 @@
 """The scheduler: one thread that owns the model and runs iteration-level continuous batching.
 
-Every iteration it (1) admits waiting requests into free batch slots, prefilling each one's prompt
-and sampling its first token, then (2) runs one decode step that produces one token for every
+Every iteration it (1) admits waiting requests into free batch slots, prefilling the prompts that
+join together and sampling each one's first token, then (2) runs one decode step that produces one token for every
 active sequence. A sequence that finishes (end of text, a stop string, max_tokens, its deadline, or
 its client went away) leaves the batch in the same iteration, freeing its slot for the next.
 
@@ -264,11 +264,16 @@ class Engine:
             self._finish(seq, "length")
 
     def _admit(self) -> None:
-        while len(self.active) < self.limits.max_batch and (seq := self._next_waiting()) is not None:
-            logits = self.runner.prefill(seq, seq.prompt)
-            self.metrics.prompt_tokens.inc(len(seq.prompt))
-            self.active.append(seq)
-            self._accept(seq, self._sample(seq, logits[None])[0])
+        """Fill free slots from the queue; the sequences that join this iteration are prefilled together."""
+        joining = []
+        while len(self.active) + len(joining) < self.limits.max_batch and (seq := self._next_waiting()) is not None:
+            joining.append(seq)
+        if joining:
+            logits = self.runner.prefill_many(joining)
+            for seq, row in zip(joining, logits):
+                self.metrics.prompt_tokens.inc(len(seq.prompt))
+                self.active.append(seq)
+                self._accept(seq, self._sample(seq, row[None])[0])
         self.metrics.running.set(len(self.active))
 
     def _decode_step(self) -> None:

@@ -13,6 +13,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import httpx2
 
@@ -164,9 +165,11 @@ class LoadRun:
 
 
 async def run_load(url: str, specs: list[RequestSpec], *, concurrency: int | None = None, rate: float | None = None,
-                   duration_s: float = float("inf"), timeout_s: float = 300.0, seed: int = 0) -> LoadRun:
+                   duration_s: float = float("inf"), timeout_s: float = 300.0, seed: int = 0,
+                   on_result: Callable[[RequestResult], None] = lambda result: None) -> LoadRun:
     """Send `specs` at `concurrency` clients (each sends its next request when the last one ends) or at
-    `rate` requests/s with exponential gaps; no request starts after `duration_s`."""
+    `rate` requests/s with exponential gaps; no request starts after `duration_s`. `on_result` sees each
+    result as it comes."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give a concurrency or a rate, not both")
     limits = httpx2.Limits(max_connections=concurrency or 1000, max_keepalive_connections=concurrency or 100)
@@ -174,15 +177,21 @@ async def run_load(url: str, specs: list[RequestSpec], *, concurrency: int | Non
         start = time.perf_counter()
         end = start + duration_s
         if concurrency is not None:
-            results = await _closed_loop(client, url, specs, concurrency, end)
+            results = await _closed_loop(client, url, specs, concurrency, end, on_result)
         else:
-            results = await _open_loop(client, url, specs, rate, end, random.Random(seed))
+            results = await _open_loop(client, url, specs, rate, end, random.Random(seed), on_result)
         wall = time.perf_counter() - start
     results.sort(key=lambda r: r.index)
     return LoadRun(results, wall, "count" if len(results) == len(specs) else "duration")
 
 
-async def _closed_loop(client, url, specs, concurrency, end) -> list[RequestResult]:
+async def _sent(client, url, spec, on_result) -> RequestResult:
+    result = await send(client, url, spec)
+    on_result(result)
+    return result
+
+
+async def _closed_loop(client, url, specs, concurrency, end, on_result) -> list[RequestResult]:
     pending = iter(specs)
     results: list[RequestResult] = []
 
@@ -190,17 +199,17 @@ async def _closed_loop(client, url, specs, concurrency, end) -> list[RequestResu
         for spec in pending:  # the iterator is shared: each client takes the next unsent request
             if time.perf_counter() > end:
                 return
-            results.append(await send(client, url, spec))
+            results.append(await _sent(client, url, spec, on_result))
 
     await asyncio.gather(*(client_loop() for _ in range(concurrency)))
     return results
 
 
-async def _open_loop(client, url, specs, rate, end, rng: random.Random) -> list[RequestResult]:
+async def _open_loop(client, url, specs, rate, end, rng: random.Random, on_result) -> list[RequestResult]:
     tasks = []
     for spec in specs:
         if time.perf_counter() > end:
             break
-        tasks.append(asyncio.create_task(send(client, url, spec)))
+        tasks.append(asyncio.create_task(_sent(client, url, spec, on_result)))
         await asyncio.sleep(rng.expovariate(rate))
     return list(await asyncio.gather(*tasks))

@@ -4,7 +4,8 @@
 KV buffer [max_batch, heads, context, head_dim] per layer; a decode step writes each sequence's new
 key/value at its own position, attends over the slots up to the longest sequence with a padding
 mask, and runs every matmul once for the whole batch. Prefill runs the model's own cached forward
-on the prompt alone (exactly what `ryzen_core.generate` does) and copies its cache into the slot.
+on the prompts that join in the same iteration, right-padded into one batch, and copies each one's
+cache into its slot.
 
 `StepwiseRunner` is for any other model `model_outputs` drives (Hugging Face causal LMs): each
 sequence keeps the model's own cache object and is stepped on its own within the iteration, so
@@ -42,18 +43,28 @@ class SlotRunner:
         self.keys = [torch.zeros(shape, dtype=like.dtype) for _ in range(c.n_layers)]
         self.values = [torch.zeros(shape, dtype=like.dtype) for _ in range(c.n_layers)]
 
-    @torch.inference_mode()
     def prefill(self, seq, prompt: list[int]) -> torch.Tensor:
         """Logits [V] after the prompt; the sequence takes a free slot holding the prompt's cache."""
-        logits, past = model_outputs(self.model, torch.tensor([prompt]), None)
+        return self.prefill_many([seq])[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, seqs: list) -> torch.Tensor:
+        """Logits [B, V] after each sequence's prompt, from one forward over the prompts right-padded to the
+        longest (causal attention keeps the padding out of every real position); each sequence takes a free
+        slot holding its prompt's cache, the padding's keys and values left out."""
+        lengths = [len(seq.prompt) for seq in seqs]
+        longest = max(lengths)
+        ids = torch.tensor([seq.prompt + [seq.prompt[-1]] * (longest - len(seq.prompt)) for seq in seqs])
+        logits, past = model_outputs(self.model, ids, None)
         if not self.keys:
             self._allocate(past[0][0])
-        seq.slot = self.free.pop()
-        for layer, (k, v) in enumerate(past):
-            self.keys[layer][seq.slot, :, :len(prompt)] = k[0]
-            self.values[layer][seq.slot, :, :len(prompt)] = v[0]
-        self.lengths[seq.slot] = len(prompt)
-        return logits[0, -1]
+        for row, (seq, length) in enumerate(zip(seqs, lengths)):
+            seq.slot = self.free.pop()
+            for layer, (k, v) in enumerate(past):
+                self.keys[layer][seq.slot, :, :length] = k[row, :, :length]
+                self.values[layer][seq.slot, :, :length] = v[row, :, :length]
+            self.lengths[seq.slot] = length
+        return logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]
 
     @torch.inference_mode()
     def step(self, seqs: list, tokens: list[int]) -> torch.Tensor:
@@ -97,6 +108,9 @@ class StepwiseRunner:
     def prefill(self, seq, prompt: list[int]) -> torch.Tensor:
         logits, seq.past = model_outputs(self.model, torch.tensor([prompt]), None)
         return logits[0, -1]
+
+    def prefill_many(self, seqs: list) -> torch.Tensor:
+        return torch.stack([self.prefill(seq, seq.prompt) for seq in seqs])
 
     @torch.inference_mode()
     def step(self, seqs: list, tokens: list[int]) -> torch.Tensor:
