@@ -1,15 +1,17 @@
 """A KV cache whose older tokens are stored quantized (KIVI layout) and whose newest stay in fp32.
 
 Per layer, keys are quantized per channel — each group of `group_size` tokens gets one fp16 scale and
-minimum per channel — because key outliers sit in fixed channels; they are stored as codes
-[B, heads, groups, head_dim, group_size], so a group runs along the last dimension and a new group is
-appended along dim 2. Values are quantized per token — one fp16 scale and minimum per `value_group_size`
-channels of each token — stored as codes [B, heads, channel groups, tokens, value_group_size]. Tokens
+minimum per channel — because key outliers sit in fixed channels; codes [B, heads, groups, group_size,
+head_dim], scales [B, heads, groups, 1, head_dim]. Values are quantized per token — one fp16 scale and
+minimum per `value_group_size` channels of each token; codes [B, heads, tokens, channel groups, channels
+per group], scales [B, heads, tokens, channel groups, 1]. Both grow along dim 2. Tokens
 enter the fp32 residual and move to the quantized part a whole key group at a time, when `flush()` finds
 more than `residual` of them waiting (once per forward). Each group is quantized once and never rewritten.
 
 Reading, per layer and only while that layer's attention runs:
-- `attend` ("direct"): attention computed against the codes (attention.py); no dequantized copy exists.
+- `attend` ("direct"): a single new query's attention computed against the codes (attention.py); no
+  dequantized keys or values are written (the codes of one layer are turned to fp32 while it runs). Several
+  new queries at once (a prompt after a cached one) read a freshly dequantized layer instead.
 - `keys_values` ("dequantize"): the quantized part is dequantized into a scratch buffer that every layer
   reuses, followed by the fp32 residual; HF models get these (their attention is their own).
 """
@@ -27,14 +29,14 @@ READS = ("direct", "dequantize")
 
 @dataclass
 class LayerCache:
-    keys: QuantizedTensor | None  # codes [B, heads, groups, head_dim, group tokens (/2 if 4-bit)]
-    values: QuantizedTensor | None  # codes [B, heads, channel groups, tokens, group channels (/2 if 4-bit)]
+    keys: QuantizedTensor | None  # codes [B, heads, groups, group tokens, head_dim (/2 if 4-bit)]
+    values: QuantizedTensor | None  # codes [B, heads, tokens, channel groups, group channels (/2 if 4-bit)]
     recent_keys: torch.Tensor  # [B, heads, residual tokens, head_dim], fp32
     recent_values: torch.Tensor
 
     @property
     def quantized_tokens(self) -> int:
-        return 0 if self.values is None else self.values.codes.shape[3]
+        return 0 if self.values is None else self.values.codes.shape[2]
 
     def __len__(self) -> int:
         return self.quantized_tokens + self.recent_keys.shape[2]
@@ -43,17 +45,15 @@ class LayerCache:
         """The quantized part as fp32 (keys, values) [B, heads, tokens, head_dim], freshly allocated."""
         if self.keys is None:
             return None
-        keys = self.keys.dequantize().transpose(-1, -2).flatten(2, 3)  # groups x group tokens -> tokens
-        values = self.values.dequantize().permute(0, 1, 3, 2, 4).flatten(3)  # channel groups -> head_dim
-        return keys, values
+        return self.keys.dequantize().flatten(2, 3), self.values.dequantize().flatten(-2)
 
     def dequantize_into(self, scratch_keys: torch.Tensor, scratch_values: torch.Tensor) -> None:
         """Write the quantized part, dequantized, into scratch[:, :, :quantized tokens] ([B, heads, ≥T, D])."""
         tokens = self.quantized_tokens
-        key_view = scratch_keys[:, :, :tokens].unflatten(2, (self.keys.scale.shape[2], -1)).transpose(-1, -2)
+        key_view = scratch_keys[:, :, :tokens].unflatten(2, (self.keys.scale.shape[2], -1))
         torch.mul(self.keys.unpacked_codes(), self.keys.scale.float(), out=key_view)
         key_view.add_(self.keys.minimum.float())
-        value_view = scratch_values[:, :, :tokens].unflatten(-1, (self.values.scale.shape[2], -1)).transpose(2, 3)
+        value_view = scratch_values[:, :, :tokens].unflatten(-1, (self.values.scale.shape[3], -1))
         torch.mul(self.values.unpacked_codes(), self.values.scale.float(), out=value_view)
         value_view.add_(self.values.minimum.float())
 
@@ -110,9 +110,12 @@ class QuantizedKVCache:
         layer = self.append(index, keys, values)
         if layer.keys is None:
             return attend_fp32(q, layer.recent_keys, layer.recent_values)
-        if self.read == "direct":
+        if self.read == "dequantize":
+            return attend_fp32(q, *self.keys_values(index))
+        if q.shape[2] == 1:
             return attend_quantized(q, layer.keys, layer.values, layer.recent_keys, layer.recent_values)
-        return attend_fp32(q, *self.keys_values(index))
+        keys, values = layer.dequantized()
+        return attend_fp32(q, torch.cat([keys, layer.recent_keys], 2), torch.cat([values, layer.recent_values], 2))
 
     def keys_values(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s (keys, values) [B, heads, tokens, head_dim]: the quantized part dequantized into the
@@ -147,14 +150,12 @@ class QuantizedKVCache:
         old_keys, old_values = layer.recent_keys[:, :, :moving], layer.recent_values[:, :, :moving]
         # Slices of the residual would keep its whole buffer alive; own copies let it be freed.
         layer.recent_keys, layer.recent_values = layer.recent_keys[:, :, moving:].clone(), layer.recent_values[:, :, moving:].clone()
-        head_dim = old_keys.shape[-1]
-        # keys [B, H, T, D] -> [B, H, groups, D, group tokens]: one scale per channel per group of tokens
-        keys = quantize(old_keys.unflatten(2, (-1, self.group_size)).transpose(-1, -2), self.bits, self.group_size)
-        # values [B, H, T, D] -> [B, H, channel groups, T, group channels]: one scale per token per group
-        value_group = self.value_group(head_dim)
-        values = quantize(old_values.unflatten(-1, (-1, value_group)).transpose(2, 3), self.bits, value_group)
+        # keys [B, H, T, D] -> [B, H, groups, group tokens, D], grouped over the tokens: per channel
+        keys = quantize(old_keys.unflatten(2, (-1, self.group_size)), self.bits, dim=-2)
+        # values [B, H, T, D] -> [B, H, T, channel groups, group channels], grouped over channels: per token
+        values = quantize(old_values.unflatten(-1, (-1, self.value_group(old_values.shape[-1]))), self.bits, dim=-1)
         layer.keys = keys if layer.keys is None else layer.keys.cat(keys, dim=2)
-        layer.values = values if layer.values is None else layer.values.cat(values, dim=3)
+        layer.values = values if layer.values is None else layer.values.cat(values, dim=2)
 
     def value_group(self, head_dim: int) -> int:
         """Channels per value group: `value_group_size`, or the whole head when it is 0 or does not divide it."""

@@ -107,23 +107,30 @@ def incremental_logits(model, input_ids: torch.Tensor, cache: QuantizedKVCache) 
 def incremental_quality(model, input_ids: torch.Tensor, bits: int, **cache_settings) -> dict:
     """Teacher-forced perplexity token by token through the quantized cache (`QuantizedKVCache(bits,
     **cache_settings)`) and the fp32 one, top-1 agreement and mean KL(fp32 || quantized) over the predicted
-    positions, and KV bytes per token of each cache at the end."""
+    positions (`compare_logits`), and KV bytes per token of each cache at the end."""
     reference_cache, quantized_cache = QuantizedKVCache(residual=None), QuantizedKVCache(bits, **cache_settings)
-    reference = incremental_logits(model, input_ids, reference_cache).double()[:, :-1]
-    quantized = incremental_logits(model, input_ids, quantized_cache).double()[:, :-1]
+    reference = incremental_logits(model, input_ids, reference_cache)
+    quantized = incremental_logits(model, input_ids, quantized_cache)
+    tokens = input_ids.shape[0] * input_ids.shape[1]
+    return {**compare_logits(reference, quantized, input_ids),
+            "kv_bytes_per_token_fp32": reference_cache.nbytes / tokens,
+            "kv_bytes_per_token_quantized": quantized_cache.nbytes / tokens}
+
+
+def compare_logits(reference: torch.Tensor, quantized: torch.Tensor, input_ids: torch.Tensor) -> dict:
+    """Perplexity of `input_ids` under each of two logits [B, T, V] (position t predicts t + 1), top-1
+    agreement and mean KL(reference || quantized) over the predicted positions."""
+    reference, quantized = reference.double()[:, :-1], quantized.double()[:, :-1]
     targets = input_ids[:, 1:]
 
     def perplexity(logits):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).exp().item()
 
     log_p, log_q = reference.log_softmax(-1), quantized.log_softmax(-1)
-    tokens = input_ids.shape[0] * input_ids.shape[1]
     return {
         "tokens": int(targets.numel()),
         "perplexity_fp32_cache": perplexity(reference),
         "perplexity_quantized_cache": perplexity(quantized),
         "top1_agreement": (reference.argmax(-1) == quantized.argmax(-1)).float().mean().item(),
         "kl_fp32_to_quantized": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
-        "kv_bytes_per_token_fp32": reference_cache.nbytes / tokens,
-        "kv_bytes_per_token_quantized": quantized_cache.nbytes / tokens,
     }
