@@ -20,6 +20,10 @@ of that size (ryzen_core.read_bandwidth_gbs; a small one measures the caches, no
 The stack is 12 layers of a ~100M-class model (d_model 768, d_ff 3072): per layer qkv 768->2304,
 proj 768->768, up 768->3072, down 3072->768 (85M weights: 340 MB fp32, 85 MB int8, 21 MB ternary).
 
+Decode (`--decode`): the built-in Transformer of that size (12 heads, vocab 2048, untrained: speed
+does not depend on the weights), greedy generation of 32 tokens after 8 with ryzen_core.generate,
+fp32 against the plugin's ternary model (ternary_model) on each kernel, tokens/s paired the same way.
+
 `--clock cpu` (with `--threads 1` only) times the calling thread's CPU time instead of wall time: on a
 machine shared with other jobs it leaves out the time the benchmark waited for a core (not the caches
 the other jobs evict). With several threads only wall time means anything, and then a busy machine
@@ -28,7 +32,7 @@ stalls every parallel region on a descheduled thread.
 Usage:
 
     .venv/bin/python plugins/bitnet/benchmarks/bench_kernel.py [--threads 2] [--batches 1 8] [--rounds 12]
-        [--clock wall|cpu] [--no-stack]
+        [--clock wall|cpu] [--no-stack] [--decode] [--kernel cpp|cpp-vnni|cpp-avx2|cpp-scalar]
 """
 from __future__ import annotations
 
@@ -39,15 +43,19 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ryzen_core import compare_pairs, cpu_description, format_ratio, load_snapshot, markdown_table, read_bandwidth_gbs
+from ryzen_core import (Transformer, TransformerConfig, compare_pairs, cpu_description, format_ratio, generate,
+                        load_snapshot, markdown_table, read_bandwidth_gbs)
 from ryzen_plugin_bitnet import cpp_kernel
-from ryzen_plugin_bitnet.kernel import TernaryLinear
+from ryzen_plugin_bitnet.kernel import TernaryLinear, ternary_model
 from ryzen_plugin_bitnet.quant import ternary_weights
 
 D_MODEL, D_FF, LAYERS = 768, 3072, 12
 SHAPES = {"768x768": (D_MODEL, D_MODEL), "768->3072": (D_MODEL, D_FF), "3072->768": (D_FF, D_MODEL)}
 IMPLEMENTATIONS = ("fp32", "int8-dyn", "ternary-torch", "ternary-cpp")
 TARGET_SECONDS = 0.01
+
+
+CPP_KERNEL = "cpp"  # --kernel: which C++ kernel `ternary-cpp` is
 
 
 def implementations(linear: nn.Linear) -> dict[str, nn.Module]:
@@ -57,7 +65,7 @@ def implementations(linear: nn.Linear) -> dict[str, nn.Module]:
     return {"fp32": linear,
             "int8-dyn": quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0],
             "ternary-torch": TernaryLinear(t.to(torch.int8), scale, kernel="torch"),
-            "ternary-cpp": TernaryLinear(t.to(torch.int8), scale, kernel="cpp")}
+            "ternary-cpp": TernaryLinear(t.to(torch.int8), scale, kernel=CPP_KERNEL)}
 
 
 def layer_runner(in_features: int, out_features: int) -> tuple[dict[str, Callable], int]:
@@ -113,12 +121,37 @@ def row(label: str, batch: int, seconds: dict[str, list[float]], code_bytes: int
             *(format_ratio(vs[name]) for name in vs), f"{gbs:.1f}", f"{read_bandwidth_gbs(code_bytes):.1f}"]
 
 
+def decode_rows(batches: list[int], rounds: int, clock: Callable[[], float]) -> list[list[str]]:
+    model = Transformer(TransformerConfig(vocab_size=2048, d_model=D_MODEL, n_heads=12, n_layers=LAYERS, d_ff=D_FF,
+                                          context_length=256)).eval()
+    models = {"fp32": model, "ternary-torch": ternary_model(model, kernel="torch"),
+              "ternary-cpp": ternary_model(model, kernel=CPP_KERNEL)}
+    rows = []
+    for batch in batches:
+        prompt = torch.randint(0, 2048, (batch, 8), generator=torch.Generator().manual_seed(0))
+        seconds: dict[str, list[float]] = {name: [] for name in models}
+        for name, m in models.items():
+            generate(m, prompt, 2)  # warm-up
+        for _ in range(rounds):
+            for name, m in models.items():
+                seconds[name].append(timed(lambda: generate(m, prompt, 32), 1, clock))
+        tok_s = {name: 32 * batch / sorted(values)[len(values) // 2] for name, values in seconds.items()}
+        rows.append([str(batch), *(f"{tok_s[name]:,.1f}" for name in models),
+                     format_ratio(compare_pairs(seconds["fp32"], seconds["ternary-cpp"], higher_is_better=False)),
+                     format_ratio(compare_pairs(seconds["ternary-torch"], seconds["ternary-cpp"],
+                                                higher_is_better=False))])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds per comparison")
     parser.add_argument("--no-stack", action="store_true", help="only the single layers")
+    parser.add_argument("--decode", action="store_true", help="also generate with a 12-layer model")
+    parser.add_argument("--kernel", choices=["cpp", "cpp-vnni", "cpp-avx2", "cpp-scalar"], default="cpp",
+                        help="the C++ kernel to time (cpp: the best this CPU runs)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: the thread's CPU time (only with --threads 1)")
     args = parser.parse_args()
@@ -126,7 +159,8 @@ def main() -> None:
         parser.error("--clock cpu measures one thread: use it with --threads 1")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    status = cpp_kernel.load()
+    global CPP_KERNEL
+    status, CPP_KERNEL = cpp_kernel.load(), args.kernel
     if not status.available:
         raise SystemExit(f"the C++ kernel is unavailable: {status.reason}")
     torch.manual_seed(0)
@@ -141,12 +175,19 @@ def main() -> None:
                 rows.append(row(label, batch, measure(runners, x, args.rounds, clock), code_bytes))
     cpu = cpu_description()
     print(f"machine: {cpu['model']}, {cpu['usable_cores']} usable cores, flags {', '.join(cpu['flags'])}; "
-          f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock; kernel {status.name}; "
+          f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock; "
+          f"ternary-cpp: {args.kernel if args.kernel != 'cpp' else status.name}; "
           f"load average {load_before['load_1m']} before, {load_snapshot()['load_1m']} after\n")
     headers = ["shape (in->out)", "batch", *(f"{name} us" for name in IMPLEMENTATIONS),
                "cpp vs fp32 [95%]", "cpp vs int8-dyn [95%]", "cpp vs ternary-torch [95%]",
                "cpp weight GB/s", "measured read GB/s (same bytes)"]
     print(markdown_table(headers, rows))
+    if args.decode:
+        with torch.inference_mode():
+            decoded = decode_rows(args.batches, args.rounds, clock)
+        print("\nDecode, 12-layer d_model 768 model, 32 new tokens (tokens/s, median):\n")
+        print(markdown_table(["batch", "fp32 tok/s", "ternary-torch tok/s", "ternary-cpp tok/s",
+                              "cpp vs fp32 [95%]", "cpp vs ternary-torch [95%]"], decoded))
 
 
 if __name__ == "__main__":
