@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -99,6 +100,8 @@ def _build_command(cxx: str, output: Path) -> list[str]:
 def library_path() -> Path:
     """The compiled library for this source, torch and compiler, built now if missing (atomic: a
     concurrent build by another process writes its own temporary file)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise KernelUnavailable(f"the C++ kernel is written for x86-64; this machine is {platform.machine()}")
     cxx = compiler()
     if cxx is None:
         raise KernelUnavailable("no C++ compiler (set CXX, or install g++)")

@@ -1,6 +1,8 @@
 """The C++ ternary kernel: its blocked layout, int32 accumulators bit-exact against the fake-quant
 reference for every kernel this CPU runs (odd sizes, batch 1 and several), and the fallback to torch's
 int8 path, recorded with its reason, when the library cannot be built."""
+import platform
+
 import pytest
 import torch
 
@@ -10,7 +12,9 @@ from ryzen_plugin_bitnet.kernel import CPP_KERNELS, TernaryLinear, kernel_descri
 from ryzen_plugin_bitnet.plugin import BitNetPlugin, BitNetSettings
 from ryzen_plugin_bitnet.quant import BitLinear, quantized_input, ternary_weights
 
-needs_compiler = pytest.mark.skipif(cpp_kernel.compiler() is None, reason="no C++ compiler (set CXX or install g++)")
+needs_compiler = pytest.mark.skipif(
+    cpp_kernel.compiler() is None or platform.machine().lower() not in ("x86_64", "amd64"),
+    reason=f"no C++ compiler (set CXX or install g++), or not x86-64 ({platform.machine()})")
 
 # (tokens, in_features, out_features): K and N not multiples of 256, 64 or 16 (but one), one token, a few,
 # a token tile and a half (8 + 5), two tiles, and more (a prefill)
@@ -151,6 +155,14 @@ def test_a_failing_compiler_is_a_recorded_reason_not_a_crash(monkeypatch, tmp_pa
     status = cpp_kernel.load()
     assert not status.available and "compiling ternary_kernel.cpp failed" in status.reason
     assert not list(tmp_path.rglob("*.so*"))  # no partial library left in the cache
+
+
+def test_a_cpu_other_than_x86_64_is_a_recorded_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("RYZEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_kernel, "_status", None)
+    monkeypatch.setattr(cpp_kernel.platform, "machine", lambda: "aarch64")
+    status = cpp_kernel.load()
+    assert not status.available and "this machine is aarch64" in status.reason
 
 
 def small_model():

@@ -2,6 +2,8 @@
 on random shapes (odd sizes, batch 1), with the C++ kernel, torch._int_mm and the int32 matmul; whole
 models built from the packed file give the fake-quant model's logits. test_cpp_kernel.py tests the C++
 kernel itself."""
+import platform
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ from ryzen_plugin_bitnet.kernel import TernaryLinear, int8_matmul, load_ternary_
 from ryzen_plugin_bitnet.packed import save_packed
 from ryzen_plugin_bitnet.quant import BitLinear, quantized_input, swap_in_bitlinear, ternary_weights
 
-needs_compiler = pytest.mark.skipif(cpp_kernel.compiler() is None, reason="no C++ compiler (set CXX or install g++)")
+needs_compiler = pytest.mark.skipif(
+    cpp_kernel.compiler() is None or platform.machine().lower() not in ("x86_64", "amd64"),
+    reason=f"no C++ compiler (set CXX or install g++), or not x86-64 ({platform.machine()})")
 KERNELS = ["int_mm", "int32", pytest.param("cpp", marks=needs_compiler)]
 SHAPES = [(1, 1, 7, 5), (1, 1, 256, 768), (1, 3, 33, 17), (3, 5, 64, 130), (2, 17, 129, 31), (4, 9, 512, 256)]
 
