@@ -131,7 +131,7 @@ class TernaryLinear(nn.Module):
 
 
 def kernel_description(model: nn.Module) -> str:
-    """What the model's ternary layers run, for reports: `cpp-vnni (...)`, or `torch-int8 fallback (reason)`."""
+    """What the model's ternary layers run, for reports: e.g. `cpp-vnni`, or `torch-int8 fallback (reason): int_mm`."""
     layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
     kernels = sorted({m.kernel for m in layers})
     if layers and all(m.cpp for m in layers):
