@@ -24,7 +24,7 @@ _LAZY = {
     "ExportResult": "results", "ReportSection": "results", "Adaptation": "results", "InferencePath": "results",
     "DataError": "data", "WriteError": "errors", "describe_error": "plugins", "json_value": "plugins",
     # the run: config, plugins, data, training
-    "RunConfig": "config", "load_config": "config",
+    "RunConfig": "config", "load_config": "config", "default_cache_dir": "config",
     "PluginHost": "plugins", "load_plugins": "plugins", "create_plugin_manager": "plugins",
     "prepare_data": "data", "load_data": "run", "PreparedData": "data", "Tokenizer": "data",
     "train_tokenizer": "data", "load_documents": "data", "split_documents": "data",

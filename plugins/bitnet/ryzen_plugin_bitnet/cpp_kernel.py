@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import include_paths, library_paths
 
+from ryzen_core import default_cache_dir
+
 SOURCE = Path(__file__).with_name("csrc") / "ternary_kernel.cpp"
 GROUP_ROWS, CHUNK_COLUMNS = 16, 16
 ISA_NAMES = {0: "cpp-scalar", 1: "cpp-avx2", 2: "cpp-vnni"}
@@ -80,7 +82,7 @@ def compiler() -> str | None:
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept: under $RYZEN_CACHE_DIR like the core's caches."""
-    return Path(os.environ.get("RYZEN_CACHE_DIR", Path.home() / ".cache" / "ryzen")) / "extensions"
+    return default_cache_dir() / "extensions"
 
 
 def _compiler_version(cxx: str) -> str:
