@@ -61,15 +61,22 @@ def test_a_link_out_of_the_run_directory_is_refused(draft_run, tmp_path):
         check_run_directory(linked)
 
 
-def test_another_tokenizer_is_refused_when_loading(draft_run, tmp_path):
-    target, tokenizer, _ = load_trained_model(draft_run)
-    other = tmp_path / "other"
+@pytest.fixture(scope="module")
+def other_tokenizer_run(draft_run, tmp_path_factory):
+    """The draft run with two ids of its tokenizer swapped: the same tokens, another tokenizer."""
+    other = tmp_path_factory.mktemp("other") / "run"
     shutil.copytree(draft_run, other)
     saved = json.loads((other / "tokenizer" / "tokenizer.json").read_text())
     vocab = saved["model"]["vocab"]
     first, second = list(vocab)[:2]
-    vocab[first], vocab[second] = vocab[second], vocab[first]  # the same tokens, two ids swapped
+    vocab[first], vocab[second] = vocab[second], vocab[first]
     (other / "tokenizer" / "tokenizer.json").write_text(json.dumps(saved))
+    return other
+
+
+def test_another_tokenizer_is_refused_when_loading(draft_run, other_tokenizer_run):
+    target, tokenizer, _ = load_trained_model(draft_run)
+    other = other_tokenizer_run
     with pytest.raises(ConfigError, match="another tokenizer"):
         load_draft_model(other, target, tokenizer)
     with pytest.raises(ConfigError, match="tokenizer is unknown"):
@@ -101,3 +108,11 @@ def test_a_run_validates_the_draft_model_against_plain_decoding(tiny_config, tin
     assert optimized["agreement_with_baseline"]["token_agreement"] == 1.0
     events = json.loads((run_dir / "optimization_analysis.json").read_text())["events"]
     assert any(e["event"] == "speculation" and e["data"]["drafting"] == "draft_model" for e in events)
+
+
+def test_a_run_with_another_tokenizer_says_why_the_plugin_stepped_aside(tiny_config, tiny_host, tiny_run,
+                                                                         other_tokenizer_run):
+    config = tiny_config("validate.isolation=inline", f"speculative.draft_run={other_tokenizer_run}",
+                         plugins=["speculative"])
+    run_dir = tiny_run(tiny_host(config, speculative=SpeculativePlugin), config)
+    assert "another tokenizer" in (run_dir / "report.md").read_text()
