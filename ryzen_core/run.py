@@ -387,9 +387,10 @@ def _validate_plan(plan, host: PluginHost, config: RunConfig, data) -> dict[str,
     report = validate(plan.backends, "torch", data.test, config.validate_, data.test,
                       perplexity_batch_size=config.train.batch_size, fidelity_reference=plan.fidelity_reference,
                       reference_backends=plan.references)
-    for worker in report["workers"].values():
-        host.events += [Event(**event) for event in worker["plugin_events"]]
-        host.disabled.update(worker["plugin_disabled"])
+    records = [(w["plugin_events"], w["plugin_disabled"]) for w in report["workers"].values()]
+    for events, disabled in records + [(w["events"], w["disabled"]) for w in plan.dropped_workers]:
+        host.events += [Event(**event) for event in events]
+        host.disabled.update(disabled)
     report["runtime_table"] = runtime_table(report, {name: w.get("facts", {}) for name, w in report["workers"].items()})
     return report
 

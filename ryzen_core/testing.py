@@ -64,6 +64,21 @@ def make_host(plugins: dict[str, object] | None = None, config=None):
     return host
 
 
+def installed_host(config, *names: str):
+    """A PluginHost with the installed plugins `names` loaded from their entry points, as `ryzen run`
+    loads them, so validation workers can load them too; settings resolved from `config`."""
+    from .config import resolve_plugin_settings
+    from .plugins import load_plugins
+
+    host = load_plugins(list(names), autoload=False)
+    for name in names:
+        if name not in host.records or host.records[name].status != "loaded":
+            raise AssertionError(f"plugin {name} is not installed and loaded: {host.records.get(name)}")
+    host.settings = resolve_plugin_settings(config, host.settings_models())
+    host.hook_timeout_s = config.train.hook_timeout_s
+    return host
+
+
 def make_config(cache_dir: Path, *overrides: str, plugins: Sequence[str] = (), out_dir: Path | None = None):
     """A validated tiny RunConfig with the data cache in `cache_dir`."""
     from .config import load_config

@@ -406,6 +406,9 @@ class ValidationPlan:
     fidelity_reference: dict[str, str] = field(default_factory=dict)
     references: dict[str, Any] = field(default_factory=dict)
     own_fp32: dict[str, str] = field(default_factory=dict)
+    dropped_workers: list[dict[str, Any]] = field(default_factory=list)
+    """What the plugins of workers closed unmeasured (their on_infer left generation plain) recorded and
+    disabled while loading: a plugin that disabled itself there must still show in the report."""
 
 
 def _installed(host, plugin: str) -> bool:
@@ -484,6 +487,8 @@ def plan_variants(variants: list[Variant], host, config, tokenizer, workdir: Pat
         plain = not infer or _left_generation_plain(entry)
         if entry is None or (not is_baseline and same_weights and plain):
             if isinstance(entry, (ProcessWorker, InlineWorker)):
+                plan.dropped_workers.append({"events": entry.ready.get("events", []),
+                                             "disabled": entry.ready.get("disabled", {})})
                 entry.close()
             plan.own_fp32[variant.label] = "torch"  # the baseline's model, already measured
             continue

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ryzen_core import ConfigError, generate, load_trained_model
-from ryzen_core.testing import RecordedEvents, make_config, make_host, train_run_tiny
+from ryzen_core.testing import RecordedEvents, installed_host, make_config, make_host, train_run_tiny
 from ryzen_plugin_speculative import SpeculativeSettings
 from ryzen_plugin_speculative.draft_run import check_run_directory, load_draft_model
 from ryzen_plugin_speculative.plugin import SpeculativePlugin
@@ -115,4 +115,12 @@ def test_a_run_with_another_tokenizer_says_why_the_plugin_stepped_aside(tiny_con
     config = tiny_config("validate.isolation=inline", f"speculative.draft_run={other_tokenizer_run}",
                          plugins=["speculative"])
     run_dir = tiny_run(tiny_host(config, speculative=SpeculativePlugin), config)
+    assert "another tokenizer" in (run_dir / "report.md").read_text()
+
+
+def test_under_process_isolation_the_report_still_says_why(tiny_config, tiny_run, other_tokenizer_run):
+    """The installed plugin in a worker process: the worker is dropped (generation left plain), and
+    the reason its plugin gave must still reach report.md."""
+    config = tiny_config(f"speculative.draft_run={other_tokenizer_run}", plugins=["speculative"])
+    run_dir = tiny_run(installed_host(config, "speculative"), config)
     assert "another tokenizer" in (run_dir / "report.md").read_text()
