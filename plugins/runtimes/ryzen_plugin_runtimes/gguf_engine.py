@@ -202,9 +202,11 @@ class LlamaCppBackend:
         self.context_length: int | None = manifest.get("context_length")
         self.threads = default_threads(threads)
         self.model_path = self.directory / manifest.get("file", MODEL_FILE)
-        n_ctx = self.context_length or 2048
-        self.llama = Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=self.threads,
-                           n_threads_batch=self.threads, logits_all=True, verbose=False)
+        # n_ctx 0: the context the GGUF file states (a Llama's max_position_embeddings).
+        self.llama = Llama(model_path=str(self.model_path), n_ctx=self.context_length or 0,
+                           n_batch=self.context_length or 2048, n_threads=self.threads, n_threads_batch=self.threads,
+                           logits_all=True, verbose=False)
+        self.max_positions = self.llama.n_ctx()
         self.sequences: dict[int, Any] = {}  # batch size -> LlamaCppSequences, kept: making one allocates its cache
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -220,7 +222,7 @@ class LlamaCppBackend:
         from .llamacpp_context import LlamaCppSequences, capacity_for
 
         context = self.sequences.get(batch)
-        capacity = min(capacity_for(positions), self.context_length or positions * 2)
+        capacity = min(capacity_for(positions), self.max_positions)
         if context is None or context.capacity < positions:
             if context is not None:
                 context.close()
