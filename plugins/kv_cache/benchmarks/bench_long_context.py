@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ryzen_core import (ConfigError, RyzenError, compare_pairs, cpu_description, format_ratio, load_config, load_data, load_snapshot,
-                        load_trained_model, markdown_table, model_outputs)
-from ryzen_plugin_kv_cache import (KVCacheSettings, QuantizedKVCache, cached_forward, incremental_logits)
-from ryzen_plugin_kv_cache.decoding import compare_logits
+from ryzen_core import (ConfigError, RyzenError, compare_pairs, cpu_description, format_ratio, load_config,
+                        load_data, load_snapshot, load_trained_model, markdown_table, model_outputs)
+from ryzen_plugin_kv_cache import KVCacheSettings, QuantizedKVCache, cached_forward, compare_logits, incremental_logits
 
 DEFAULTS = KVCacheSettings()
 # name -> cache settings; None: the model's own fp32 cache (what plain `ryzen_core.generate` uses)
@@ -89,7 +88,8 @@ def held_out(run_dir: Path, rows: int, context: int) -> torch.Tensor:
     config = load_config(run_dir / "config.json")
     test = load_data(config).test
     if test.shape[0] < rows or test.shape[1] < context:
-        raise ConfigError(f"the test split has {test.shape[0]} rows of {test.shape[1]} tokens; need {rows} of {context}")
+        raise ConfigError(f"the test split has {test.shape[0]} rows of {test.shape[1]} tokens; "
+                          f"need {rows} of {context}")
     return test[:rows, :context]
 
 
@@ -178,14 +178,17 @@ def report(results: dict) -> str:
             "" if q is None else f"{q['perplexity_quantized_cache']:.3f} vs {q['perplexity_fp32_cache']:.3f}",
             "" if q is None else f"{100 * q['top1_agreement']:.2f}%",
             "" if q is None else f"{q['kl_fp32_to_quantized']:.2e}",
-            "" if q is None else f"{q['quantized_bytes_per_token_per_head']:.0f} (bf16 {q['bf16_bytes_per_token_per_head']})",
-            f"{m['kv_bytes'] / 2**20:.1f}" + (f" + {m['scratch_bytes'] / 2**20:.1f} scratch" if m["scratch_bytes"] else ""),
+            "" if q is None else
+            f"{q['quantized_bytes_per_token_per_head']:.0f} (bf16 {q['bf16_bytes_per_token_per_head']})",
+            f"{m['kv_bytes'] / 2**20:.1f}"
+            + (f" + {m['scratch_bytes'] / 2**20:.1f} scratch" if m["scratch_bytes"] else ""),
             f"{peak:.0f} ({peak - m['rss_after_load_kib'] / 1024:+.0f})",
             f"{sorted(s['tokens_per_s'])[len(s['tokens_per_s']) // 2]:.1f}",
             format_ratio(s["vs_model_cache"]),
         ])
-    header = ["cache", "token-by-token ppl (vs fp32 cache)", "top-1 agreement", "KL", "bytes/token/head, quantized part",
-              "KV MiB held at the end", "peak RSS MiB (over model load)", "decode tok/s (median)", "tok/s vs model's cache"]
+    header = ["cache", "token-by-token ppl (vs fp32 cache)", "top-1 agreement", "KL",
+              "bytes/token/head, quantized part", "KV MiB held at the end", "peak RSS MiB (over model load)",
+              "decode tok/s (median)", "tok/s vs model's cache"]
     return markdown_table(header, rows)
 
 
@@ -197,21 +200,32 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--parts", default="quality,memory,speed",
+                        help="which to measure; the others are taken from --out if it exists")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.run_dir, args.memory_child, args.ids, args.steps)))
         return
     ids = held_out(args.run_dir, max(args.batch, args.quality_rows), args.context)
+    parts = set(args.parts.split(","))
     model, _, loaded = load_trained_model(args.run_dir)
-    results = {"machine": cpu_description(), "threads": torch.get_num_threads(), "model": str(loaded),
-               "context": args.context, "batch": args.batch, "steps": args.steps, "load_before": load_snapshot()}
-    results["quality"] = quality(model, ids[:args.quality_rows])
-    results["memory"] = memory(args.run_dir, ids[:args.batch], args.steps)
-    results["speed"] = speed(model, ids[:args.batch], args.rounds, args.steps)
-    results["load_after"] = load_snapshot()
+    results = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+    results.update(machine=cpu_description(), model=str(loaded), context=args.context, batch=args.batch)
+    if "quality" in parts:
+        results["quality"] = quality(model, ids[:args.quality_rows])
+    if "memory" in parts:
+        results["memory"] = memory(args.run_dir, ids[:args.batch], args.steps)
+    if "speed" in parts:
+        load_before = load_snapshot()
+        results["speed"] = speed(model, ids[:args.batch], args.rounds, args.steps)
+        results["speed_conditions"] = {"threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds,
+                                       "load_before": load_before, "load_after": load_snapshot()}
     print(report(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -3,9 +3,9 @@ scales and minima, the newest tokens in fp32), attended against directly or thro
 dequantization scratch."""
 
 from .cache import QuantizedKVCache
-from .decoding import cached_forward, incremental_logits, incremental_quality, quantized_generate
+from .decoding import cached_forward, compare_logits, incremental_logits, incremental_quality, quantized_generate
 from .quantize import QuantizedTensor, quantize
 from .settings import KVCacheSettings
 
-__all__ = ["KVCacheSettings", "QuantizedKVCache", "QuantizedTensor", "cached_forward", "incremental_logits",
-           "incremental_quality", "quantize", "quantized_generate"]
+__all__ = ["KVCacheSettings", "QuantizedKVCache", "QuantizedTensor", "cached_forward", "compare_logits",
+           "incremental_logits", "incremental_quality", "quantize", "quantized_generate"]

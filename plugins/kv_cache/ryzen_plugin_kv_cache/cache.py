@@ -17,6 +17,7 @@ Reading, per layer and only while that layer's attention runs:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -149,7 +150,8 @@ class QuantizedKVCache:
     def _quantize_oldest(self, layer: LayerCache, moving: int) -> None:
         old_keys, old_values = layer.recent_keys[:, :, :moving], layer.recent_values[:, :, :moving]
         # Slices of the residual would keep its whole buffer alive; own copies let it be freed.
-        layer.recent_keys, layer.recent_values = layer.recent_keys[:, :, moving:].clone(), layer.recent_values[:, :, moving:].clone()
+        layer.recent_keys = layer.recent_keys[:, :, moving:].clone()
+        layer.recent_values = layer.recent_values[:, :, moving:].clone()
         # keys [B, H, T, D] -> [B, H, groups, group tokens, D], grouped over the tokens: per channel
         keys = quantize(old_keys.unflatten(2, (-1, self.group_size)), self.bits, dim=-2)
         # values [B, H, T, D] -> [B, H, T, channel groups, group channels], grouped over channels: per token
@@ -164,7 +166,9 @@ class QuantizedKVCache:
 
     def full_precision_nbytes(self, element_size: int = 4) -> int:
         """What the same tokens take in an unquantized cache of `element_size`-byte elements."""
-        return sum(2 * layer.recent_keys[:, :, :1].numel() * len(layer) * element_size for layer in self.layers)
+        # batch x heads x head_dim elements per token, from the residual's shape (it may hold no token)
+        return sum(2 * math.prod(layer.recent_keys.shape[:2]) * layer.recent_keys.shape[3] * len(layer) * element_size
+                   for layer in self.layers)
 
     def dequantized_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Every layer's (keys, values) [B, heads, tokens, head_dim] as fp32, freshly allocated (for tests
@@ -173,7 +177,6 @@ class QuantizedKVCache:
             return None
         out = []
         for layer in self.layers:
-            quantized = layer.dequantized()
-            out.append((layer.recent_keys, layer.recent_values) if quantized is None else
-                       (torch.cat([quantized[0], layer.recent_keys], 2), torch.cat([quantized[1], layer.recent_values], 2)))
+            quantized = layer.dequantized() or (layer.recent_keys[:, :, :0], layer.recent_values[:, :, :0])
+            out.append((torch.cat([quantized[0], layer.recent_keys], 2), torch.cat([quantized[1], layer.recent_values], 2)))
         return out

@@ -114,18 +114,24 @@ def test_bytes_per_token_from_the_stored_tensors(bits, bytes_per_token_head, min
     bf16_bytes = batch * heads * tokens * 2 * 64 * 2
     assert bf16_bytes / quantized_bytes >= min_ratio_to_bf16
     assert cache.full_precision_nbytes(2) == batch * heads * (tokens + 5) * 2 * 64 * 2
+    at_a_group_boundary = QuantizedKVCache(bits, group_size=128, residual=0)
+    fill(at_a_group_boundary, keys[:, :, :tokens], values[:, :, :tokens], 100)
+    assert at_a_group_boundary.fp32_tokens == 0 and at_a_group_boundary.nbytes == quantized_bytes
+    assert at_a_group_boundary.full_precision_nbytes(2) == bf16_bytes  # from shapes, with no fp32 token left
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("value_group_size", [8, 0])
 def test_attention_against_the_codes_equals_attention_against_the_dequantized_cache(bits, value_group_size):
-    new = 1
+    """One new query (decoding) over 64 quantized tokens and 6 fp32 ones, value groups of 8 or the whole head."""
     keys, values = with_outliers(2, 3, 70, 16), with_outliers(2, 3, 70, 16, seed=1)
-    q = torch.randn(2, 3, new, 16, generator=torch.Generator().manual_seed(2))
+    q = torch.randn(2, 3, 1, 16, generator=torch.Generator().manual_seed(2))
     cache = QuantizedKVCache(bits, group_size=8, residual=4, value_group_size=value_group_size)
-    fill(cache, keys[:, :, :70 - new], values[:, :, :70 - new], 20)
-    layer = cache.append(0, keys[:, :, 70 - new:], values[:, :, 70 - new:])
+    fill(cache, keys[:, :, :69], values[:, :, :69], 20)
+    layer = cache.append(0, keys[:, :, 69:], values[:, :, 69:])
     assert layer.quantized_tokens == 64
+    with pytest.raises(ValueError, match="one query"):
+        attend_quantized(q.expand(2, 3, 2, 16), layer.keys, layer.values, layer.recent_keys, layer.recent_values)
     direct = attend_quantized(q, layer.keys, layer.values, layer.recent_keys, layer.recent_values)
     read_keys, read_values = cache.dequantized_layers()[0]
     assert torch.allclose(direct, attend_fp32(q, read_keys, read_values), atol=1e-4)  # values up to ~30
