@@ -152,14 +152,12 @@ def _bench_run_dir(run_dir: Path, settings, out_dir: Path, max_batch: int, max_q
                                    out_dir / f"server-batch{batch}.log")
             started[f"batch {batch}"] = server.wait_ready()
         report = Bench({label: s.url for label, s in started.items()}, "bench", settings, _say).run()
-        for label, server in started.items():
-            report["robustness"][label]["process_alive"] = server.alive()
+        alive = {label: server.alive() for label, server in started.items()}
     except RuntimeError as exc:
         fail(f"{exc} (see {out_dir})")
     finally:
-        for label, server in started.items():
-            code = server.stop()
-            if label in started and "report" in locals():
-                report["robustness"][label]["exit_code"] = code
+        exit_codes = {label: server.stop() for label, server in started.items()}
+    for label in started:
+        report["robustness"][label].update(process_alive=alive[label], exit_code=exit_codes[label])
     report["run_dir"] = str(run_dir)
     return report

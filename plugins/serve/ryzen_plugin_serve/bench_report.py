@@ -87,7 +87,8 @@ def plot(report: dict, path: Path) -> None:
                 axis.annotate(f"{level:g}", (xi, s[key]["p95"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
             axis.set_title(f"{name} against throughput")
             axis.set_xlabel("generated tokens/s")
-            axis.set_ylabel("ms")
+            axis.set_ylabel("ms (log scale)")
+            axis.set_yscale("log")
             axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     unit = "clients" if report["settings"]["mode"] == "concurrency" else "req/s"
