@@ -109,14 +109,17 @@ class QuantizedKVCache:
         """Append layer `index`'s new keys/values and return the attention of q [B, heads, new, head_dim] over
         everything the layer holds: [B, heads, new, head_dim]."""
         layer = self.append(index, keys, values)
+        query = q.float()  # the cache is fp32 whatever the model's dtype; the output goes back to it
         if layer.keys is None:
-            return attend_fp32(q, layer.recent_keys, layer.recent_values)
-        if self.read == "dequantize":
-            return attend_fp32(q, *self.keys_values(index))
-        if q.shape[2] == 1:
-            return attend_quantized(q, layer.keys, layer.values, layer.recent_keys, layer.recent_values)
-        keys, values = layer.dequantized()
-        return attend_fp32(q, torch.cat([keys, layer.recent_keys], 2), torch.cat([values, layer.recent_values], 2))
+            out = attend_fp32(query, layer.recent_keys, layer.recent_values)
+        elif self.read == "dequantize":
+            out = attend_fp32(query, *self.keys_values(index))
+        elif q.shape[2] == 1:
+            out = attend_quantized(query, layer.keys, layer.values, layer.recent_keys, layer.recent_values)
+        else:
+            keys, values = layer.dequantized()
+            out = attend_fp32(query, torch.cat([keys, layer.recent_keys], 2), torch.cat([values, layer.recent_values], 2))
+        return out.to(q.dtype)
 
     def keys_values(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `index`'s (keys, values) [B, heads, tokens, head_dim]: the quantized part dequantized into the

@@ -47,7 +47,8 @@ def _hf_layer_class():
 
         def update(self, key_states, value_states, *args, **kwargs):
             self.cache.append(self.index, key_states, value_states)
-            return self.cache.keys_values(self.index)
+            keys, values = self.cache.keys_values(self.index)  # fp32; a bf16 model's attention wants bf16
+            return keys.to(key_states.dtype), values.to(value_states.dtype)
 
         def get_seq_length(self) -> int:
             return len(self.cache.layers[self.index]) if self.index < len(self.cache.layers) else 0

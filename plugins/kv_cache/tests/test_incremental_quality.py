@@ -3,6 +3,8 @@ cache reproduces plain decoding, the quantized part is really read, and token-by
 top-1 agreement stay close to the fp32 cache's."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -50,6 +52,16 @@ def test_token_by_token_perplexity_and_agreement(model, text_ids, bits, max_perp
     assert quality["top1_agreement"] >= min_agreement
     assert -1e-9 < quality["kl_fp32_to_quantized"] < (0.01 if bits == 8 else 0.1)  # KL >= 0 up to rounding
     assert quality["kv_bytes_per_token_quantized"] < quality["kv_bytes_per_token_fp32"]
+
+
+def test_a_bf16_model_decodes_through_the_fp32_cache(model, text_ids):
+    """Keys and values are cached (and quantized) from fp32; the model's attention gets its own dtype back."""
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    prompt = text_ids[:, :150]
+    cache = QuantizedKVCache(8, group_size=16, residual=16)
+    out = quantized_generate(bf16_model, prompt, 8, cache)
+    assert out.shape == (2, 158) and cache.layers[0].quantized_tokens == 128
+    assert cache.layers[0].recent_keys.dtype == torch.float32
 
 
 def test_sampling_with_eos_follows_the_generate_contract(model, text_ids):
