@@ -41,10 +41,11 @@ VARIANTS: dict[str, dict | None] = {
     "4-bit, dequantize scratch": {"bits": 4, "read": "dequantize"},
 }
 PREFILL_CHUNK = 128
+LONG_CONTEXT = 1024  # the default key group for the 1-2k contexts measured here: 128
 
 
 def new_cache(settings: dict) -> QuantizedKVCache:
-    merged = {"group_size": DEFAULTS.group_size, "residual": DEFAULTS.residual,
+    merged = {"group_size": DEFAULTS.key_group_for(LONG_CONTEXT), "residual": DEFAULTS.residual,
               "value_group_size": DEFAULTS.value_group_size, "read": DEFAULTS.read, **settings}
     return QuantizedKVCache(**merged)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ryzen_core import InferencePath, Plugin, hookimpl
+from ryzen_core import InferencePath, Plugin, context_length, hookimpl
 
 from .settings import KVCacheSettings
 
@@ -37,7 +37,8 @@ class KVCachePlugin(Plugin):
             # different model than the one that runs.
             record("kv_cache_off", reason="an earlier plugin's on_infer generates with another model")
             return None
-        record("kv_cache", replaces="the plain fp32 KV-cache loop (same model)", **settings.model_dump())
+        record("kv_cache", replaces="the plain fp32 KV-cache loop (same model)",
+               **{**settings.model_dump(), "group_size": settings.key_group_for(context_length(model))})
         return self.quantized_generate(model, record)
 
     def quantized_generate(self, model, record=None):
@@ -47,9 +48,10 @@ class KVCachePlugin(Plugin):
         from .decoding import quantized_generate
 
         settings = self.settings
+        key_group = settings.key_group_for(context_length(model))
 
         def generate(input_ids, max_new_tokens, **sampling):
-            cache = QuantizedKVCache(settings.bits, settings.group_size, settings.residual,
+            cache = QuantizedKVCache(settings.bits, key_group, settings.residual,
                                      settings.value_group_size, settings.read)
             sequence = quantized_generate(model, input_ids, max_new_tokens, cache, **sampling)
             self.generations += 1

@@ -15,8 +15,10 @@ class KVCacheSettings(PluginSettings):
     """False leaves generation to the plain fp32 KV-cache loop (the plugin only records that)."""
     bits: Literal[8, 4] = 8
     """Bits per stored key/value element; 4-bit codes are packed two to a byte."""
-    group_size: int = Field(128, ge=2, le=4096)
-    """Keys: tokens per quantization group (one fp16 scale and minimum per channel per group). Even."""
+    group_size: int = Field(0, ge=0, le=4096)
+    """Keys: tokens per quantization group (one fp16 scale and minimum per channel per group). Even;
+    0: `key_group_for(context)`, 128 where the model's context holds 1,024 tokens or more, else an
+    eighth of it, so a short-context model's cache is quantized too."""
     value_group_size: int = Field(0, ge=0, le=4096)
     """Values: channels per group (one fp16 scale and minimum per token per group); 0, or a size that does
     not divide the head dimension: the whole head. Even."""
@@ -26,6 +28,12 @@ class KVCacheSettings(PluginSettings):
     read: Literal["direct", "dequantize"] = "direct"
     """Built-in Transformer: attend against the codes ("direct") or dequantize each layer into a reused
     scratch buffer first. HF models always take the scratch."""
+
+    def key_group_for(self, context: int) -> int:
+        """The key group size for a model of `context` positions (group_size 0: chosen from it)."""
+        if self.group_size:
+            return self.group_size
+        return max(2, min(128, context // 8) // 2 * 2)
 
     @field_validator("group_size", "value_group_size")
     @classmethod

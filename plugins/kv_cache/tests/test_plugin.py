@@ -64,3 +64,11 @@ def test_a_run_validates_it_against_plain_decoding(tiny_config, tiny_host, tiny_
     assert "kv_cache" in (run_dir / "report.md").read_text()
     analysis = (run_dir / "optimization_analysis.json").read_text()
     assert "kv_bytes_per_token_bf16" in analysis
+
+
+def test_the_key_group_follows_the_models_context_unless_set():
+    from ryzen_plugin_kv_cache.settings import KVCacheSettings
+
+    assert KVCacheSettings().key_group_for(128) == 16 and KVCacheSettings().key_group_for(4096) == 128
+    assert KVCacheSettings().key_group_for(8) == 2
+    assert KVCacheSettings(group_size=32).key_group_for(128) == 32
