@@ -31,7 +31,7 @@ _LAZY = {
     "pack": "data", "unigram_perplexity": "data",  # to build a PreparedData of one's own token streams
     "Trainer": "trainer", "TrainResult": "trainer", "build_optimizer": "trainer",
     "Forward": "forward", "ForwardOutput": "forward", "reference_forward": "forward",
-    "latest_checkpoint": "checkpoint", "load_weights": "checkpoint",
+    "latest_checkpoint": "checkpoint", "load_weights": "checkpoint", "saved_plugin_state": "checkpoint",
     "load_trained_model": "trained", "trained_model_dirs": "trained", "run_directory": "rundir",
     # models and generation
     "Transformer": "models", "TransformerConfig": "models", "PRESETS": "models",

@@ -347,6 +347,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[dict[str, Any],
     return trainer_state, state
 
 
+def saved_plugin_state(path: Path) -> dict[str, dict[str, Any]]:
+    """Each class plugin's state_dict as a checkpoint directory saved it (verified first), for rebuilding
+    plugin instances beside its model outside the trainer; {} for a directory that is no checkpoint
+    (an `hf_model/` export carries no plugin state)."""
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        return {}
+    return dict(verify(path).get("plugin_state") or {})
+
+
 def saved_run_config(run_dir: Path) -> Path:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():

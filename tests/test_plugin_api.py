@@ -72,6 +72,10 @@ def test_resume_restores_each_instance_from_its_state_dict(ryzen_cache_dir, tmp_
     train_tiny(host, first, tmp_path / "run")
     state = json.loads(next((tmp_path / "run" / "training_checkpoint").glob("step-*/state.json")).read_text())
     assert state["plugin_state"] == {"counter": {"steps": 3}}
+    from ryzen_core import latest_checkpoint, saved_plugin_state
+
+    assert saved_plugin_state(latest_checkpoint(tmp_path / "run")) == {"counter": {"steps": 3}}
+    assert saved_plugin_state(tmp_path) == {}  # not a checkpoint
 
     from ryzen_core import Trainer, load_data
 

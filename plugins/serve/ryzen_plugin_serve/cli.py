@@ -23,7 +23,7 @@ def load_engine(run_dir: Path, limits, threads: int | None, backend: str = "torc
     export or the model through plugins' on_infer, one whole request at a time."""
     import torch
 
-    from ryzen_core import Tokenizer, context_length, load_trained_model
+    from ryzen_core import Tokenizer, context_length, load_trained_model, saved_plugin_state
 
     from .engine import Engine
     from .model_sources import export_backend, folded_backend
@@ -39,10 +39,10 @@ def load_engine(run_dir: Path, limits, threads: int | None, backend: str = "torc
             load_trained_model(run_dir)[1]
         context = getattr(served, "context_length", None) or context_length(load_trained_model(run_dir)[0])
         return Engine(None, tokenizer, context, limits, runner=WholeRequestRunner(served, f"export {directory}"))
-    model, tokenizer, _ = load_trained_model(run_dir)
+    model, tokenizer, loaded = load_trained_model(run_dir)
     if not plugins:
         return Engine(model, tokenizer, context_length(model), limits)
-    served, _ = folded_backend(model, tokenizer, run_dir, list(plugins))
+    served, _ = folded_backend(model, tokenizer, run_dir, list(plugins), saved_plugin_state(loaded))
     runner = WholeRequestRunner(served, f"the torch model's generation through on_infer of {', '.join(plugins)}")
     return Engine(model, tokenizer, context_length(model), limits, runner=runner)
 

@@ -47,9 +47,10 @@ def run_config_file(run_dir: Path) -> Path:
     return found
 
 
-def folded_backend(model, tokenizer, run_dir: Path, plugins: list[str]):
+def folded_backend(model, tokenizer, run_dir: Path, plugins: list[str], plugin_state: dict | None = None):
     """A TorchBackend whose generate is the plain KV-cache loop folded through `plugins`' on_infer, and the
-    plugin host (what the plugins recorded is on `host.events`)."""
+    plugin host (what the plugins recorded is on `host.events`); `plugin_state`: the state_dicts the
+    checkpoint saved, restored on the plugin instances as `--resume` and the validator's workers do."""
     from ryzen_core import RunContext, TorchBackend, load_config, load_plugins
 
     host = load_plugins(plugins, autoload=False)
@@ -63,6 +64,7 @@ def folded_backend(model, tokenizer, run_dir: Path, plugins: list[str]):
     host.settings = {n: models[n].model_validate(sections.get(n) or {}) for n in plugins if n in models}
     host.begin_variant(RunContext(config, None, run_dir, run_dir, "serve", list(plugins), recorder=host.recorder),
                        plugins)
+    host.load_plugin_state({n: state for n, state in (plugin_state or {}).items() if n in plugins})
     plain = TorchBackend(model)
     generate = host.fold("on_infer", plugins, "generate", plain.plain_generate, model=model, tokenizer=tokenizer,
                          config=config, context=host.contexts["serve"])
