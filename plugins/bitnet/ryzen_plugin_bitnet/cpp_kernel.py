@@ -20,6 +20,7 @@ compiler, an error) makes the kernel unavailable with the reason; callers fall b
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -125,22 +126,18 @@ def library_path() -> Path:
     return target
 
 
-_status: KernelStatus | None = None
-
-
+@functools.cache
 def load() -> KernelStatus:
-    """Build (first use) and load the library once per process; never raises."""
-    global _status
-    if _status is None:
-        try:
-            path = library_path()
-            if not hasattr(torch.ops.ryzen_bitnet, "best_isa"):
-                torch.ops.load_library(str(path))
-            isa = int(torch.ops.ryzen_bitnet.best_isa())
-            _status = KernelStatus(True, ISA_NAMES[isa], isa, str(path))
-        except (KernelUnavailable, OSError, RuntimeError) as exc:
-            _status = KernelStatus(False, "unavailable", reason=str(exc).splitlines()[0])
-    return _status
+    """Build (first use) and load the library; once per process (a library loads into the process,
+    so the answer is the process's), never raises."""
+    try:
+        path = library_path()
+        if not hasattr(torch.ops.ryzen_bitnet, "best_isa"):
+            torch.ops.load_library(str(path))
+        isa = int(torch.ops.ryzen_bitnet.best_isa())
+        return KernelStatus(True, ISA_NAMES[isa], isa, str(path))
+    except (KernelUnavailable, OSError, RuntimeError) as exc:
+        return KernelStatus(False, "unavailable", reason=str(exc).splitlines()[0])
 
 
 def usable_isas() -> list[int]:

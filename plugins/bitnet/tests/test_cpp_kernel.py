@@ -130,10 +130,17 @@ def test_the_description_names_the_kernel(usable):
 
 
 @pytest.fixture
-def no_compiler(monkeypatch, tmp_path):
+def fresh_load():
+    """load() asked again in this test, and again after it (it answers once per process)."""
+    cpp_kernel.load.cache_clear()
+    yield
+    cpp_kernel.load.cache_clear()
+
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path, fresh_load):
     """The process as it is on a machine without a C++ compiler (and without a cached library)."""
     monkeypatch.setenv("RYZEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpp_kernel, "_status", None)
     monkeypatch.setattr(cpp_kernel, "compiler", lambda: None)
 
 
@@ -148,18 +155,16 @@ def test_without_a_compiler_layers_fall_back_to_torch_and_say_why(no_compiler):
         TernaryLinear(t.to(torch.int8), scale, kernel="cpp")
 
 
-def test_a_failing_compiler_is_a_recorded_reason_not_a_crash(monkeypatch, tmp_path):
+def test_a_failing_compiler_is_a_recorded_reason_not_a_crash(monkeypatch, tmp_path, fresh_load):
     monkeypatch.setenv("RYZEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpp_kernel, "_status", None)
     monkeypatch.setattr(cpp_kernel, "compiler", lambda: "false")  # runs, prints nothing, exits 1
     status = cpp_kernel.load()
     assert not status.available and "compiling ternary_kernel.cpp failed" in status.reason
     assert not list(tmp_path.rglob("*.so*"))  # no partial library left in the cache
 
 
-def test_a_cpu_other_than_x86_64_is_a_recorded_reason(monkeypatch, tmp_path):
+def test_a_cpu_other_than_x86_64_is_a_recorded_reason(monkeypatch, tmp_path, fresh_load):
     monkeypatch.setenv("RYZEN_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpp_kernel, "_status", None)
     monkeypatch.setattr(cpp_kernel.platform, "machine", lambda: "aarch64")
     status = cpp_kernel.load()
     assert not status.available and "this machine is aarch64" in status.reason
