@@ -122,7 +122,7 @@ def vm_kib(field: str) -> int:
 
 
 def memory_child(run_dir: Path, name: str, ids_file: Path, steps: int) -> dict:
-    ids = torch.load(ids_file)  # not the whole dataset: its loading would set the high-water mark
+    ids = torch.load(ids_file, weights_only=True)  # not the whole dataset: its loading would set the high-water mark
     model, _, _ = load_trained_model(run_dir)
     after_load = vm_kib("VmRSS")
     decoder = Decoder(model, VARIANTS[name])
