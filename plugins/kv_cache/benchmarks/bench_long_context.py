@@ -12,11 +12,19 @@
    rounds, each timing `--steps` greedy steps of every variant from a copy of its prefilled cache, in an
    order rotated per round; each variant against the model's own fp32 cache as a paired ratio of tokens/s
    with a bootstrap interval (ryzen_core.compare_pairs).
+4. Whole-cache bytes (`--parts bytes`) at each of `--byte-contexts`: an untrained model of the run's shape
+   with a context of the longest (the bytes depend on the shapes only), one row prefilled to 128 tokens
+   short of the context in chunks of 128, then decoded one token at a time to it; after every step, the
+   stored bytes of the whole cache (codes, metadata, fp16 window) against a bf16 cache of the same tokens:
+   the lowest ratio of those 128 steps (the fullest window), their mean, and the ratio at the context itself.
+
+`--variants` picks which of VARIANTS run (ids, comma-separated).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,27 +34,30 @@ from pathlib import Path
 
 import torch
 
-from ryzen_core import (ConfigError, RyzenError, compare_pairs, cpu_description, format_ratio, load_config,
-                        load_data, load_snapshot, load_trained_model, markdown_table, model_outputs)
+from ryzen_core import (ConfigError, RyzenError, Transformer, compare_pairs, cpu_description, format_ratio,
+                        load_config, load_data, load_snapshot, load_trained_model, markdown_table, model_outputs)
 from ryzen_plugin_kv_cache import KVCacheSettings, QuantizedKVCache, cached_forward, compare_logits, incremental_logits
 
 DEFAULTS = KVCacheSettings()
-# name -> cache settings; None: the model's own fp32 cache (what plain `ryzen_core.generate` uses)
-VARIANTS: dict[str, dict | None] = {
-    "fp32, model's own cache": None,
-    "fp32, this plugin's forward": {"residual": None},
-    "int8": {"bits": 8},
-    "4-bit": {"bits": 4},
-    "int8, dequantize scratch": {"bits": 8, "read": "dequantize"},
-    "4-bit, dequantize scratch": {"bits": 4, "read": "dequantize"},
+# id -> (label, cache settings); None: the model's own fp32 cache (what plain `ryzen_core.generate` uses)
+VARIANTS: dict[str, tuple[str, dict | None]] = {
+    "fp32-model": ("fp32, the model's own cache", None),
+    "fp32-plugin": ("fp32, this plugin's forward", {"residual": None}),
+    "int8": ("int8, keys per token (default)", {"bits": 8}),
+    "int8-channel": ("int8, keys per channel", {"bits": 8, "key_grouping": "channel"}),
+    "4bit": ("4-bit, keys per channel (default)", {"bits": 4}),
+    "int8-scratch": ("int8, dequantize scratch", {"bits": 8, "read": "dequantize"}),
+    "4bit-scratch": ("4-bit, dequantize scratch", {"bits": 4, "read": "dequantize"}),
 }
 PREFILL_CHUNK = 128
 LONG_CONTEXT = 1024  # the default key group for the 1-2k contexts measured here: 128
 
 
 def new_cache(settings: dict) -> QuantizedKVCache:
+    bits = settings.get("bits", DEFAULTS.bits)
     merged = {"group_size": DEFAULTS.key_group_for(LONG_CONTEXT), "residual": DEFAULTS.residual,
-              "value_group_size": DEFAULTS.value_group_size, "read": DEFAULTS.read, **settings}
+              "value_group_size": DEFAULTS.value_group_size, "read": DEFAULTS.read,
+              "key_grouping": KVCacheSettings(bits=bits).key_grouping_for(), **settings}
     return QuantizedKVCache(**merged)
 
 
@@ -94,23 +105,57 @@ def held_out(run_dir: Path, rows: int, context: int) -> torch.Tensor:
     return test[:rows, :context]
 
 
-def quality(model, ids: torch.Tensor) -> dict:
+def window_nbytes(cache: QuantizedKVCache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.recent_keys, layer.recent_values))
+
+
+def quality(model, ids: torch.Tensor, variants: list[str]) -> dict:
     with torch.inference_mode():
         reference = incremental_logits(model, ids, QuantizedKVCache(residual=None))
         results = {}
-        for name, settings in VARIANTS.items():
+        for name in variants:
+            settings = VARIANTS[name][1]
             if settings is None or settings.get("residual", 0) is None or "read" in settings:
                 continue  # the dequantize reads compute the same values (tests check they agree)
             cache = new_cache(settings)
             results[name] = compare_logits(reference, incremental_logits(model, ids, cache), ids)
-            quantized_part = cache.nbytes - sum(2 * l.recent_keys.numel() * 4 for l in cache.layers)
-            per_token_head = quantized_part / (ids.shape[0] * cache.layers[0].quantized_tokens
-                                               * cache.layers[0].recent_keys.shape[1] * len(cache.layers))
+            layer = cache.layers[0]
+            heads, head_dim = layer.recent_keys.shape[1], layer.recent_keys.shape[-1]
+            per_token_head = (cache.nbytes - window_nbytes(cache)) / (
+                ids.shape[0] * layer.quantized_tokens * heads * len(cache.layers))
             results[name].update(
-                kv_bytes_per_token=cache.nbytes / ids.numel(), fp32_tokens=cache.fp32_tokens,
-                quantized_bytes_per_token_per_head=per_token_head,
-                bf16_bytes_per_token_per_head=2 * 2 * cache.layers[0].recent_keys.shape[-1],
+                kv_bytes_per_token=cache.nbytes / ids.numel(), window_tokens=cache.window_tokens,
+                quantized_bytes_per_token_per_head=per_token_head, bf16_bytes_per_token_per_head=2 * 2 * head_dim,
                 kv_bytes_per_token_bf16=cache.full_precision_nbytes(2) / ids.numel())
+    return results
+
+
+def whole_cache_bytes(model, contexts: list[int], variants: list[str]) -> dict:
+    """For each quantized variant and context: the whole cache's bytes against bf16 over the 128 decoding
+    steps that end at the context (module docstring, part 4)."""
+    if not isinstance(model, Transformer):
+        raise ConfigError("the whole-cache byte count builds an untrained built-in Transformer of the run's shape")
+    longest = Transformer(dataclasses.replace(model.config, context_length=max(contexts))).eval()
+    ids = torch.randint(0, longest.config.vocab_size, (1, max(contexts)), generator=torch.Generator().manual_seed(0))
+    results = {}
+    with torch.inference_mode():
+        for name in variants:
+            settings = VARIANTS[name][1]
+            if settings is None or settings.get("residual", 0) is None or "read" in settings:
+                continue
+            results[name] = {}
+            for context in contexts:
+                cache, ratios, windows = new_cache(settings), [], []
+                for start in range(0, context - 128, PREFILL_CHUNK):
+                    cached_forward(longest, cache, ids[:, start:min(start + PREFILL_CHUNK, context - 128)])
+                for t in range(context - 128, context):
+                    cached_forward(longest, cache, ids[:, t:t + 1])
+                    ratios.append(cache.full_precision_nbytes(2) / cache.nbytes)
+                    windows.append(cache.window_tokens)
+                results[name][str(context)] = {
+                    "lowest": min(ratios), "mean": sum(ratios) / len(ratios), "at_context": ratios[-1],
+                    "largest_window": max(windows), "bytes_at_context": cache.nbytes,
+                    "bf16_bytes_at_context": cache.full_precision_nbytes(2)}
     return results
 
 
@@ -125,19 +170,19 @@ def memory_child(run_dir: Path, name: str, ids_file: Path, steps: int) -> dict:
     ids = torch.load(ids_file, weights_only=True)  # not the whole dataset: its loading would set the high-water mark
     model, _, _ = load_trained_model(run_dir)
     after_load = vm_kib("VmRSS")
-    decoder = Decoder(model, VARIANTS[name])
+    decoder = Decoder(model, VARIANTS[name][1])
     with torch.inference_mode():
         decoder.decode(decoder.prefill(ids[:, :-steps]), steps - 1)
     return {"vmhwm_kib": vm_kib("VmHWM"), "rss_after_load_kib": after_load, "kv_bytes": decoder.kv_bytes(),
             "scratch_bytes": decoder.cache.scratch_nbytes if isinstance(decoder.cache, QuantizedKVCache) else 0}
 
 
-def memory(run_dir: Path, ids: torch.Tensor, steps: int) -> dict:
+def memory(run_dir: Path, ids: torch.Tensor, steps: int, variants: list[str]) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as directory:
         ids_file = Path(directory) / "ids.pt"
         torch.save(ids, ids_file)
-        for name in VARIANTS:
+        for name in variants:
             command = [sys.executable, __file__, str(run_dir), "--memory-child", name, "--ids", str(ids_file),
                        "--steps", str(steps)]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -145,15 +190,16 @@ def memory(run_dir: Path, ids: torch.Tensor, steps: int) -> dict:
     return results
 
 
-def speed(model, ids: torch.Tensor, rounds: int, steps: int) -> dict:
+def speed(model, ids: torch.Tensor, rounds: int, steps: int, variants: list[str]) -> dict:
     decoders, first_tokens = {}, {}
+    names = ["fp32-model"] + [name for name in variants if name != "fp32-model"]  # the baseline first
     with torch.inference_mode():
-        for name, settings in VARIANTS.items():
-            decoders[name] = Decoder(model, settings)
+        for name in names:
+            decoders[name] = Decoder(model, VARIANTS[name][1])
             first_tokens[name] = decoders[name].prefill(ids[:, :-steps])
-        tokens_per_s = {name: [] for name in VARIANTS}
-        names = list(VARIANTS)
+        tokens_per_s, loads = {name: [] for name in names}, []
         for round_index in range(rounds + 1):  # round 0 is a warm-up
+            loads.append(load_snapshot()["load_1m"])
             order = names[round_index % len(names):] + names[:round_index % len(names)]
             for name in order:
                 decoder = decoders[name].fork()
@@ -165,31 +211,34 @@ def speed(model, ids: torch.Tensor, rounds: int, steps: int) -> dict:
     baseline = names[0]
     return {name: {"tokens_per_s": values,
                    "vs_model_cache": compare_pairs(tokens_per_s[baseline], values, higher_is_better=True).to_dict()}
-            for name, values in tokens_per_s.items()}
+            for name, values in tokens_per_s.items()}, loads
 
 
 def report(results: dict) -> str:
     rows = []
-    for name in VARIANTS:
-        q = results["quality"].get(name)
-        m, s = results["memory"][name], results["speed"][name]
-        peak = m["vmhwm_kib"] / 1024
+    for name, (label, _) in VARIANTS.items():
+        q, m, s = (results.get(part, {}).get(name) for part in ("quality", "memory", "speed"))
+        w = results.get("whole_cache_bytes", {}).get(name, {})
+        if not (q or m or s or w):
+            continue
         rows.append([
-            name,
+            label,
             "" if q is None else f"{q['perplexity_quantized_cache']:.3f} vs {q['perplexity_fp32_cache']:.3f}",
             "" if q is None else f"{100 * q['top1_agreement']:.2f}%",
             "" if q is None else f"{q['kl_fp32_to_quantized']:.2e}",
             "" if q is None else
             f"{q['quantized_bytes_per_token_per_head']:.0f} (bf16 {q['bf16_bytes_per_token_per_head']})",
-            f"{m['kv_bytes'] / 2**20:.1f}"
+            ", ".join(f"{c}: {r['lowest']:.2f}/{r['mean']:.2f}" for c, r in w.items()),
+            "" if m is None else f"{m['kv_bytes'] / 2**20:.1f}"
             + (f" + {m['scratch_bytes'] / 2**20:.1f} scratch" if m["scratch_bytes"] else ""),
-            f"{peak:.0f} ({peak - m['rss_after_load_kib'] / 1024:+.0f})",
-            f"{sorted(s['tokens_per_s'])[len(s['tokens_per_s']) // 2]:.1f}",
-            format_ratio(s["vs_model_cache"]),
+            "" if m is None else f"{m['vmhwm_kib'] / 1024:.0f} ({(m['vmhwm_kib'] - m['rss_after_load_kib']) / 1024:+.0f})",
+            "" if s is None else f"{sorted(s['tokens_per_s'])[len(s['tokens_per_s']) // 2]:.1f}",
+            "" if s is None else format_ratio(s["vs_model_cache"]),
         ])
     header = ["cache", "token-by-token ppl (vs fp32 cache)", "top-1 agreement", "KL",
-              "bytes/token/head, quantized part", "KV MiB held at the end", "peak RSS MiB (over model load)",
-              "decode tok/s (median)", "tok/s vs model's cache"]
+              "bytes/token/head, quantized part", "whole cache vs bf16 by context (lowest/mean)",
+              "KV MiB held at the end", "peak RSS MiB (over model load)", "decode tok/s (median)",
+              "tok/s vs model's cache"]
     return markdown_table(header, rows)
 
 
@@ -203,7 +252,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--parts", default="quality,memory,speed",
-                        help="which to measure; the others are taken from --out if it exists")
+                        help="which to measure (quality, memory, speed, bytes); the others are taken from --out "
+                             "if it exists")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"ids among {', '.join(VARIANTS)}")
+    parser.add_argument("--byte-contexts", default="512,1024,2048,4096,8192")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
@@ -213,20 +265,28 @@ def main() -> None:
     if args.memory_child:
         print(json.dumps(memory_child(args.run_dir, args.memory_child, args.ids, args.steps)))
         return
+    variants, parts = args.variants.split(","), set(args.parts.split(","))
+    unknown = [name for name in variants if name not in VARIANTS] + sorted(
+        parts - {"quality", "memory", "speed", "bytes"})
+    if unknown:
+        raise ConfigError(f"unknown variants or parts: {', '.join(unknown)}")
     ids = held_out(args.run_dir, max(args.batch, args.quality_rows), args.context)
-    parts = set(args.parts.split(","))
     model, _, loaded = load_trained_model(args.run_dir)
     results = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
     results.update(machine=cpu_description(), model=str(loaded), context=args.context, batch=args.batch)
     if "quality" in parts:
-        results["quality"] = quality(model, ids[:args.quality_rows])
+        results["quality"] = quality(model, ids[:args.quality_rows], variants)
+    if "bytes" in parts:
+        contexts = [int(c) for c in args.byte_contexts.split(",")]
+        results["whole_cache_bytes"] = whole_cache_bytes(model, contexts, variants)
     if "memory" in parts:
-        results["memory"] = memory(args.run_dir, ids[:args.batch], args.steps)
+        results["memory"] = memory(args.run_dir, ids[:args.batch], args.steps, variants)
     if "speed" in parts:
         load_before = load_snapshot()
-        results["speed"] = speed(model, ids[:args.batch], args.rounds, args.steps)
+        results["speed"], loads = speed(model, ids[:args.batch], args.rounds, args.steps, variants)
         results["speed_conditions"] = {"threads": torch.get_num_threads(), "steps": args.steps, "rounds": args.rounds,
-                                       "load_before": load_before, "load_after": load_snapshot()}
+                                       "load_before": load_before, "load_by_round": loads,
+                                       "load_after": load_snapshot()}
     print(report(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -1,11 +1,15 @@
 """Attention computed against the quantized cache itself, without writing dequantized keys or values.
 
-Keys are stored per channel: K[t, d] = s[g(t), d] * c[t, d] + m[g(t), d], so
+Keys stored per channel: K[t, d] = s[g(t), d] * c[t, d] + m[g(t), d], so
     q . K[t] = sum_d (q[d] * s[g(t), d]) * c[t, d] + sum_d q[d] * m[g(t), d]
 — the scales fold into one scaled query per group, the minima into one offset per group. Multiplying the
 codes [tokens, D] by all G scaled queries at once ([D, G]) and keeping, for each token, its own group's
 column is one large matmul per head (G times the multiply-adds of a vector product, but far faster on a CPU
 than G small batched ones).
+Keys stored per token (int8's default) and values: X[t, d] = s[t, g(d)] * c[t, d] + m[t, g(d)] (m the offset
+of code 0: an fp16 minimum or -zero point * scale), so for keys
+    q . K[t] = sum_g s[t, g] * (q_g . c[t, g]) + sum_g m[t, g] * sum(q_g)
+— one matmul of the codes by the query laid out block-diagonally over the G channel groups ([D, G]).
 Values are stored per token: V[t, d] = s[t, g(d)] * c[t, d] + m[t, g(d)], so
     sum_t p[t] V[t, d] = sum_t (p[t] * s[t, g(d)]) * c[t, d] + sum_t p[t] * m[t, g(d)]
 — the scales fold into the attention weights, one weighted row per channel group.
@@ -40,19 +44,32 @@ def _codes_times(weights: torch.Tensor, codes: torch.Tensor, bits: int) -> torch
 
 
 def key_scores(q: torch.Tensor, keys: QuantizedTensor) -> torch.Tensor:
-    """q [B, H, 1, D] . quantized keys (codes [B, H, groups, group tokens, D]) -> [B, H, 1, tokens]."""
+    """q [B, H, 1, D] . quantized keys -> [B, H, 1, tokens]; keys per channel (codes [B, H, groups, group
+    tokens, D]) or per token (codes [B, H, tokens, channel groups, group channels])."""
+    if keys.dim == -1:
+        return per_token_key_scores(q, keys)
     batch, heads, groups, group_tokens, _ = keys.codes.shape
-    scale, minimum = keys.scale.squeeze(3).float(), keys.minimum.squeeze(3).float()  # [B, H, groups, D]
+    scale, minimum = keys.scale.squeeze(3).float(), keys.offset().squeeze(3)  # [B, H, groups, D]
     per_group = _times_codes(q * scale, keys.codes.flatten(2, 3), keys.bits)  # [B, H, groups, tokens]
     own_group = per_group.view(batch, heads, groups, groups, group_tokens).diagonal(dim1=2, dim2=3)
     offset = (q * minimum).sum(-1, keepdim=True)  # [B, H, groups, 1]
     return (own_group.transpose(-1, -2) + offset).flatten(2).unsqueeze(2)
 
 
+def per_token_key_scores(q: torch.Tensor, keys: QuantizedTensor) -> torch.Tensor:
+    """q [B, H, 1, D] . keys quantized per token (codes [B, H, tokens, G, C]) -> [B, H, 1, tokens]."""
+    groups = keys.scale.shape[3]
+    rows = q if groups == 1 else q * torch.eye(groups, dtype=q.dtype).repeat_interleave(q.shape[-1] // groups, dim=1)
+    per_group = _times_codes(rows, keys.codes.flatten(3), keys.bits)  # [B, H, G, tokens]
+    scale, offset = keys.scale.squeeze(-1).float(), keys.offset().squeeze(-1)  # [B, H, tokens, G]
+    query_sums = q.unflatten(-1, (groups, -1)).sum(-1)  # [B, H, 1, G]
+    return (per_group.transpose(-1, -2) * scale + offset * query_sums).sum(-1).unsqueeze(2)
+
+
 def weighted_values(weights: torch.Tensor, values: QuantizedTensor) -> torch.Tensor:
     """weights [B, H, 1, tokens] @ quantized values (codes [B, H, tokens, groups, group channels]) -> [B, H, 1, D]."""
     groups = values.scale.shape[3]
-    scale, minimum = values.scale.squeeze(-1).float(), values.minimum.squeeze(-1).float()  # [B, H, T, groups]
+    scale, minimum = values.scale.squeeze(-1).float(), values.offset().squeeze(-1)  # [B, H, T, groups]
     scaled = (weights.transpose(-1, -2) * scale).transpose(-1, -2)  # [B, H, groups, T]
     every_group = _codes_times(scaled, values.codes.flatten(3), values.bits)  # [B, H, groups, groups * C]
     own_group = every_group.unflatten(-1, (groups, -1)).diagonal(dim1=2, dim2=3).transpose(-1, -2)  # [B, H, groups, C]
@@ -70,14 +87,14 @@ def causal_mask(new: int, total: int, device) -> torch.Tensor | None:
 def attend_quantized(q: torch.Tensor, keys: QuantizedTensor, values: QuantizedTensor,
                      recent_keys: torch.Tensor, recent_values: torch.Tensor) -> torch.Tensor:
     """Softmax attention of one new query q [B, H, 1, D] (the last of the recent tokens) over the quantized
-    tokens followed by the fp32 recent ones [B, H, R, D]: [B, H, 1, D]."""
+    tokens followed by the recent ones [B, H, R, D] (fp16 or fp32, read as fp32): [B, H, 1, D]."""
     if q.shape[2] != 1:
         raise ValueError(f"attention against the codes takes one query per row, got {q.shape[2]}")
     quantized_tokens = values.codes.shape[2]
-    scores = torch.cat([key_scores(q, keys), q @ recent_keys.transpose(-1, -2)], dim=-1)
+    scores = torch.cat([key_scores(q, keys), q @ recent_keys.float().transpose(-1, -2)], dim=-1)
     weights = (scores * (1 / math.sqrt(q.shape[-1]))).softmax(dim=-1)
     return (weighted_values(weights[..., :quantized_tokens], values)
-            + weights[..., quantized_tokens:] @ recent_values)
+            + weights[..., quantized_tokens:] @ recent_values.float())
 
 
 def attend_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

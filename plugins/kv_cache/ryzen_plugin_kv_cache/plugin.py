@@ -1,7 +1,7 @@
 """The kvcache plugin (entry-point name `kvcache`): one `KVCachePlugin` per variant.
 
 - on_infer: replaces the variant's generation with the same loop over a quantized KV cache (int8 or
-  4-bit, KIVI grouping, fp16 metadata, the newest tokens in fp32) on the same model; records the settings
+  4-bit, KIVI grouping, fp16 metadata, the newest tokens in fp16) on the same model; records the settings
   once and, after every generation, the KV bytes per token of the quantized cache against fp32 and bf16
   (measured from the stored tensors) and the size of the dequantization scratch, if one was used.
 
@@ -38,7 +38,8 @@ class KVCachePlugin(Plugin):
             record("kv_cache_off", reason="an earlier plugin's on_infer generates with another model")
             return None
         record("kv_cache", replaces="the plain fp32 KV-cache loop (same model)",
-               **{**settings.model_dump(), "group_size": settings.key_group_for(context_length(model))})
+               **{**settings.model_dump(), "group_size": settings.key_group_for(context_length(model)),
+                  "key_grouping": settings.key_grouping_for()})
         return self.quantized_generate(model, record)
 
     def quantized_generate(self, model, record=None):
@@ -51,8 +52,8 @@ class KVCachePlugin(Plugin):
         key_group = settings.key_group_for(context_length(model))
 
         def generate(input_ids, max_new_tokens, **sampling):
-            cache = QuantizedKVCache(settings.bits, key_group, settings.residual,
-                                     settings.value_group_size, settings.read)
+            cache = QuantizedKVCache(settings.bits, key_group, settings.residual, settings.value_group_size,
+                                     settings.read, settings.key_grouping_for())
             sequence = quantized_generate(model, input_ids, max_new_tokens, cache, **sampling)
             self.generations += 1
             if record is not None and len(cache):
@@ -61,7 +62,8 @@ class KVCachePlugin(Plugin):
                        kv_bytes_per_token=cache.nbytes / rows_tokens,
                        kv_bytes_per_token_fp32=cache.full_precision_nbytes(4) / rows_tokens,
                        kv_bytes_per_token_bf16=cache.full_precision_nbytes(2) / rows_tokens,
-                       fp32_tokens=cache.fp32_tokens, scratch_bytes=cache.scratch_nbytes)
+                       window_tokens=cache.window_tokens, window_dtype=str(cache.window_dtype).removeprefix("torch."),
+                       scratch_bytes=cache.scratch_nbytes)
             return sequence
 
         dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}

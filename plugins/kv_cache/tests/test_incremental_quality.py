@@ -22,15 +22,17 @@ def test_the_full_precision_cache_is_plain_decoding(model, text_ids):
     assert torch.allclose(stepped, single_pass, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits, key_grouping", [(8, "token"), (8, "channel"), (4, "channel")])
 @pytest.mark.parametrize("read", ["direct", "dequantize"])
-def test_the_quantized_part_is_read(model, text_ids, bits, read):
+def test_the_quantized_part_is_read(model, text_ids, bits, key_grouping, read):
     """Corrupting the stored codes must change the next logits, whichever way the cache is read: a cache
     that kept an fp32 copy on the side, or never read its quantized part, fails here."""
-    cache = QuantizedKVCache(bits, group_size=16, residual=16, value_group_size=8, read=read)
+    cache = QuantizedKVCache(bits, group_size=16, residual=16, value_group_size=8, read=read,
+                             key_grouping=key_grouping)
     with torch.inference_mode():
         cached_forward(model, cache, text_ids[:, :150])
-        assert len(cache) - cache.layers[0].recent_keys.shape[2] == 128  # 128 quantized, 22 in fp32
+        # per channel: 128 quantized (8 key groups), 22 in the window; per token: 134 and the residual's 16
+        assert cache.layers[0].quantized_tokens == (128 if key_grouping == "channel" else 134)
         next_token = text_ids[:, 150:151]
         clean = cached_forward(model, cache, next_token)
         for layer in cache.layers:  # drop the token just added, then corrupt what is stored quantized
@@ -43,9 +45,12 @@ def test_the_quantized_part_is_read(model, text_ids, bits, read):
     assert (cache.scratch_nbytes == 0) == (read == "direct" and not is_hf_model(model))
 
 
-@pytest.mark.parametrize("bits, max_perplexity_rise, min_agreement", [(8, 0.005, 0.98), (4, 0.05, 0.90)])
-def test_token_by_token_perplexity_and_agreement(model, text_ids, bits, max_perplexity_rise, min_agreement):
-    quality = incremental_quality(model, text_ids, bits, group_size=16, residual=16, value_group_size=8)
+@pytest.mark.parametrize("bits, key_grouping, max_perplexity_rise, min_agreement",
+                         [(8, "token", 0.005, 0.98), (8, "channel", 0.005, 0.98), (4, "channel", 0.05, 0.90)])
+def test_token_by_token_perplexity_and_agreement(model, text_ids, bits, key_grouping, max_perplexity_rise,
+                                                 min_agreement):
+    quality = incremental_quality(model, text_ids, bits, group_size=16, residual=16, value_group_size=8,
+                                  key_grouping=key_grouping)
     reference, quantized = quality["perplexity_fp32_cache"], quality["perplexity_quantized_cache"]
     assert reference < 30  # trained: far below the vocabulary size, so agreement is not between near-ties
     assert abs(quantized / reference - 1) <= max_perplexity_rise
@@ -54,14 +59,15 @@ def test_token_by_token_perplexity_and_agreement(model, text_ids, bits, max_perp
     assert quality["kv_bytes_per_token_quantized"] < quality["kv_bytes_per_token_fp32"]
 
 
-def test_a_bf16_model_decodes_through_the_fp32_cache(model, text_ids):
-    """Keys and values are cached (and quantized) from fp32; the model's attention gets its own dtype back."""
+def test_a_bf16_model_decodes_through_the_cache(model, text_ids):
+    """A bf16 model's keys and values are windowed in fp16 and quantized from fp32; attention runs in fp32
+    and the model's attention gets its own dtype back."""
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
     prompt = text_ids[:, :150]
-    cache = QuantizedKVCache(8, group_size=16, residual=16)
+    cache = QuantizedKVCache(8, group_size=16, residual=16, key_grouping="channel")
     out = quantized_generate(bf16_model, prompt, 8, cache)
     assert out.shape == (2, 158) and cache.layers[0].quantized_tokens == 128
-    assert cache.layers[0].recent_keys.dtype == torch.float32
+    assert cache.layers[0].recent_keys.dtype == torch.float16
 
 
 def test_sampling_with_eos_follows_the_generate_contract(model, text_ids):

@@ -34,6 +34,8 @@ def test_on_infer_generates_through_the_quantized_cache_and_records_bytes(model,
     assert generation["cached_tokens"] == 119  # the last token is sampled, never fed back
     assert generation["kv_bytes_per_token_fp32"] == 2 * generation["kv_bytes_per_token_bf16"]
     assert generation["kv_bytes_per_token"] < generation["kv_bytes_per_token_fp32"] / 2
+    assert generation["window_dtype"] == "float16" and generation["window_tokens"] == (23 if bits == 4 else 16)
+    assert record.named("kv_cache")[0]["key_grouping"] == ("token" if bits == 8 else "channel")
     assert quantized.precision == "fp32" and plugin.generations == 1
     json.dumps(record.events)  # what it records is JSON
 
@@ -46,7 +48,8 @@ def test_disabled_or_another_model_leaves_generation_alone(model):
     assert len(record.named("kv_cache_off")) == 2
 
 
-@pytest.mark.parametrize("setting", ["kvcache.bits=3", "kvcache.group_size=1", "kvcache.residual=-1"])
+@pytest.mark.parametrize("setting", ["kvcache.bits=3", "kvcache.group_size=1", "kvcache.residual=-1",
+                                     "kvcache.key_grouping=row"])
 def test_bad_settings_are_config_errors(tiny_config, tiny_host, setting):
     config = tiny_config(setting, plugins=["kvcache"])
     with pytest.raises(ConfigError):
@@ -72,3 +75,5 @@ def test_the_key_group_follows_the_models_context_unless_set():
     assert KVCacheSettings().key_group_for(128) == 16 and KVCacheSettings().key_group_for(4096) == 128
     assert KVCacheSettings().key_group_for(8) == 2
     assert KVCacheSettings(group_size=32).key_group_for(128) == 32
+    assert KVCacheSettings().key_grouping_for() == "token" and KVCacheSettings(bits=4).key_grouping_for() == "channel"
+    assert KVCacheSettings(key_grouping="channel").key_grouping_for() == "channel"
