@@ -10,6 +10,13 @@ lookup then the draft model, the plugin's `drafter: auto`): whether the outputs 
 plain greedy (ryzen_core.generate), the acceptance figures, and the decode tokens/s ratio, measured plain
 and speculative interleaved (paired ratios, 95% bootstrap interval).
 
+Speculative generation goes through the plugin (`on_infer`), one plugin instance per prompt kind and
+drafter serving the identity pass and every timed round, as one variant's plugin serves a run's
+validation: the draft model's cost is measured when it loads (or `--draft-cost`), and its schedule
+carries over from one generation to the next. `--fresh-schedule` makes a new plugin for every
+generation instead: what the first generation of a run sees. The acceptance figures count every
+generation (identity pass and timed rounds). The load average is printed before and after.
+
 With `--draft-run`, also:
 - `--bf16`: the share of prompts whose speculative output in bf16 (target and draft cast to bf16) differs
   from plain bf16 greedy decoding (one verification forward over k+1 tokens does not round like k+1
@@ -25,13 +32,14 @@ With `--draft-run`, also:
 Usage:
 
     .venv/bin/python plugins/speculative/benchmarks/bench_speculative.py RUN_DIR [--draft-run DRAFT_RUN]
-        [--prompts 8] [--threads 2] [--bf16] [--crossover]
+        [--prompts 8] [--threads 2] [--draft-cost C] [--fresh-schedule] [--bf16] [--crossover]
 
 RUN_DIR and DRAFT_RUN are `ryzen run` or `ryzen train` directories (or one variant's). Prints markdown tables.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -42,16 +50,15 @@ import torch
 
 from ryzen_core import (ConfigError, Transformer, TransformerConfig, compare_pairs, format_ratio, generate,
                         load_config, load_data, load_trained_model, markdown_table, model_outputs)
-from ryzen_plugin_speculative import PromptLookupDrafter, SpeculationStats, speculative_generate
-from ryzen_plugin_speculative.adaptive import DraftLength
-from ryzen_plugin_speculative.draft_model import DraftModelDrafter, LookupThenModelDrafter
+from ryzen_plugin_speculative import SpeculationStats, SpeculativeSettings
 from ryzen_plugin_speculative.draft_run import check_run_directory, load_draft_model
 from ryzen_plugin_speculative.kv_cache import crop_cache
+from ryzen_plugin_speculative.plugin import SpeculativePlugin
 
 DRAFT_LENGTHS = (1, 2, 4, 6, 8)  # fixed draft lengths the crossover estimate chooses from
 HEADERS = ["prompts", "drafter", "tokens (prompt + new)", "identical to plain greedy", "acceptance rate",
            "mean accepted length", "target forwards per token", "draft forwards per token",
-           "decode tok/s vs plain [95%]"]
+           "draft step / target step", "decode tok/s vs plain [95%]"]
 
 
 def prompt_sets(run_dir: Path, args) -> dict[str, list[torch.Tensor]]:
@@ -62,13 +69,23 @@ def prompt_sets(run_dir: Path, args) -> dict[str, list[torch.Tensor]]:
             "open-ended": [row[None, :args.open_prompt] for row in rows]}
 
 
-def drafters(draft) -> dict[str, Callable]:
-    """Drafter factories by name (a fresh drafter per generation, as the plugin makes them)."""
-    made = {"prompt lookup": lambda: PromptLookupDrafter(3, 1)}
-    if draft is not None:
-        made["draft model"] = lambda: DraftModelDrafter(draft)
-        made["lookup, then model"] = lambda: LookupThenModelDrafter(PromptLookupDrafter(3, 3), DraftModelDrafter(draft))
-    return made
+DRAFTERS = {"prompt lookup": "lookup", "draft model": "model", "lookup, then model": "auto"}
+
+
+def speculative_plugin(model, tokenizer, args, drafter: str) -> tuple[Callable, SpeculativePlugin]:
+    """The plugin's speculative generate for `model` (`drafter` a `speculative.drafter` value) and the plugin."""
+    draft_run = None if drafter == "lookup" else args.draft_run
+    settings = SpeculativeSettings(drafter=drafter, draft_run=draft_run,
+                                   draft_cost=args.draft_cost if draft_run is not None else None)
+    plugin = SpeculativePlugin(settings)
+    generate_fn = plugin.on_infer(generate=None, model=model, tokenizer=tokenizer, record=lambda *a, **k: None)
+    if generate_fn is None:
+        raise SystemExit(f"error: the speculative plugin stepped aside for drafter {drafter}")
+    return generate_fn, plugin
+
+
+def drafter_names(args) -> dict[str, str]:
+    return {name: value for name, value in DRAFTERS.items() if value == "lookup" or args.draft_run is not None}
 
 
 def decode_rate(fn, prompt: torch.Tensor, new_tokens: int) -> float:
@@ -78,45 +95,48 @@ def decode_rate(fn, prompt: torch.Tensor, new_tokens: int) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def speculative(model, new_drafter, stats=None):
-    return lambda p, n, **kw: speculative_generate(model, p, n, drafter=new_drafter(), draft_length=DraftLength(8),
-                                                   stats=stats, **kw)
+def measure(model, tokenizer, prompts: list[torch.Tensor], args, drafter: str) -> list[str]:
+    spec, plugin = speculative_plugin(model, tokenizer, args, drafter)
+    totals, costs = SpeculationStats(), [plugin.draft_cost]
 
+    def speculative(prompt, new_tokens, **sampling):
+        nonlocal spec, plugin
+        if args.fresh_schedule:
+            totals.add(plugin.totals)
+            spec, plugin = speculative_plugin(model, tokenizer, args, drafter)
+            costs.append(plugin.draft_cost)
+        return spec(prompt, new_tokens, **sampling)
 
-def measure(model, prompts: list[torch.Tensor], new_tokens: int, rounds: int, new_drafter) -> list[str]:
-    stats = SpeculationStats()
-    counted = speculative(model, new_drafter, stats)
-    identical = sum(torch.equal(generate(model, p, new_tokens), counted(p, new_tokens)) for p in prompts)
+    identical = sum(torch.equal(generate(model, p, args.new_tokens), speculative(p, args.new_tokens)) for p in prompts)
     plain = lambda p, n, **kw: generate(model, p, n, **kw)  # noqa: E731
-    spec = speculative(model, new_drafter)
     plain_rates, spec_rates = [], []
-    for _ in range(rounds):
+    for _ in range(args.rounds):
         for prompt in prompts:  # interleaved: each pair ran under the same machine conditions
-            plain_rates.append(decode_rate(plain, prompt, new_tokens))
-            spec_rates.append(decode_rate(spec, prompt, new_tokens))
-    summary = stats.summary()
+            plain_rates.append(decode_rate(plain, prompt, args.new_tokens))
+            spec_rates.append(decode_rate(speculative, prompt, args.new_tokens))
+    totals.add(plugin.totals)
+    summary = totals.summary()
     return [f"{identical}/{len(prompts)}", f"{summary['acceptance_rate'] or 0:.2f}",
             f"{summary['mean_accepted_length'] or 0:.2f}", f"{summary['target_forwards_per_token']:.2f}",
-            f"{stats.draft_forwards / stats.tokens:.2f}",
+            f"{totals.draft_forwards / totals.tokens:.2f}",
+            f"{statistics.median(costs):.2f}" if drafter != "lookup" else "-",
             format_ratio(compare_pairs(plain_rates, spec_rates, higher_is_better=True))]
 
 
-def bf16_divergence(model, draft, prompts: list[torch.Tensor], new_tokens: int) -> list[list[str]]:
-    """Per drafter: prompts whose speculative bf16 greedy output differs from plain bf16 greedy."""
+def bf16_divergence(model, tokenizer, prompts: list[torch.Tensor], args) -> list[list[str]]:
+    """Per drafter: prompts whose speculative bf16 greedy output differs from plain bf16 greedy (the plugin
+    casts the draft model to the target's dtype)."""
     target16 = model.to(torch.bfloat16)
-    draft16 = draft.to(torch.bfloat16) if draft is not None else None
     try:
         rows = []
-        for name, new_drafter in drafters(draft16).items():
-            differ = sum(not torch.equal(generate(target16, p, new_tokens),
-                                         speculative_generate(target16, p, new_tokens, drafter=new_drafter()))
+        for name, drafter in drafter_names(args).items():
+            spec, _ = speculative_plugin(target16, tokenizer, args, drafter)
+            differ = sum(not torch.equal(generate(target16, p, args.new_tokens), spec(p, args.new_tokens))
                          for p in prompts)
             rows.append([name, f"{differ}/{len(prompts)}"])
         return rows
     finally:
         model.float()
-        if draft is not None:
-            draft.float()
 
 
 def prepared_forward(model, context: int, tokens: int):
@@ -196,26 +216,33 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--draft-cost", type=float, default=None,
+                        help="speculative.draft_cost (the draft model's step in target steps); default: measured")
+    parser.add_argument("--fresh-schedule", action="store_true",
+                        help="a new plugin (schedule, measured cost) for every generation")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--crossover", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     model, tokenizer, loaded = load_trained_model(args.run_dir)
     draft = load_draft(args.draft_run, model, tokenizer) if args.draft_run else None
     rows = []
     for kind, prompts in prompt_sets(args.run_dir, args).items():
-        for name, new_drafter in drafters(draft).items():
-            row = measure(model, prompts, args.new_tokens, args.rounds, new_drafter)
+        for name, drafter in drafter_names(args).items():
+            row = measure(model, tokenizer, prompts, args, drafter)
             rows.append([kind, name, f"{prompts[0].shape[1]} + {args.new_tokens}", *row])
     sizes = f"target {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters" + (
         f", draft {sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M" if draft is not None else "")
-    print(f"model: {loaded} ({sizes}); threads {torch.get_num_threads()}; batch 1, greedy\n")
+    schedule = "a new plugin per generation" if args.fresh_schedule else "one plugin per row"
+    print(f"model: {loaded} ({sizes}); threads {torch.get_num_threads()}; batch 1, greedy; {schedule}; "
+          f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}\n")
     print(markdown_table(HEADERS, rows))
     if args.bf16:
         prompts = [p for kind in prompt_sets(args.run_dir, args).values() for p in kind]
         print(f"\nbf16 greedy, {len(prompts)} prompts: speculative output differs from plain bf16 greedy\n")
-        print(markdown_table(["drafter", "prompts differing"], bf16_divergence(model, draft, prompts, args.new_tokens)))
+        print(markdown_table(["drafter", "prompts differing"], bf16_divergence(model, tokenizer, prompts, args)))
     if args.crossover and draft is not None:
         print(f"\ncrossover: this draft ({sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M) for targets of "
               f"growing size (untrained ones timed), context {args.grounded_prompt}, batch 1\n")

@@ -81,11 +81,16 @@ class DraftModelDrafter:
 class LookupThenModelDrafter:
     """`drafter: auto` with a draft model: prompt lookup where the text so far repeats (every row has a
     match of `lookup`'s shortest n-gram), the draft model elsewhere. Lookup drafts cost no forward and
-    are right more often than a small model where they exist; the draft model catches up on them."""
+    are right more often than a small model where they exist; the draft model catches up on them.
 
-    def __init__(self, lookup, model_drafter: DraftModelDrafter):
-        self.lookup, self.model_drafter = lookup, model_drafter
+    `model_schedule` (a DraftLength counting the draft model's cost) says when and how much the draft
+    model may draft and learns from the draft model's steps alone; the decoding loop's schedule, from
+    prompt lookup's. So a useless draft model is paused without pausing prompt lookup."""
+
+    def __init__(self, lookup, model_drafter: DraftModelDrafter, model_schedule=None):
+        self.lookup, self.model_drafter, self.model_schedule = lookup, model_drafter, model_schedule
         self.used = {"lookup": 0, "model": 0}  # steps each drafted
+        self.last = None  # which drafted the drafts being verified
 
     @property
     def forwards(self) -> int:
@@ -94,7 +99,20 @@ class LookupThenModelDrafter:
     def propose(self, sequences: torch.Tensor, length: int, sampling=None):
         drafts, _ = self.lookup.propose(sequences, length)
         if drafts.shape[1] > 0:
-            self.used["lookup"] += 1
+            self.used["lookup"], self.last = self.used["lookup"] + 1, "lookup"
             return drafts, None  # deterministic: q is one-hot
-        self.used["model"] += 1
+        if self.model_schedule is not None:
+            length = min(length, self.model_schedule.next())
+            if length == 0:
+                self.last = None
+                return sequences[:, :0], None
+        self.used["model"], self.last = self.used["model"] + 1, "model"
         return self.model_drafter.propose(sequences, length, sampling)
+
+    def verified(self, drafted: int, kept: int, draft_forwards: int) -> bool:
+        """The target kept `kept` of the `drafted` tokens proposed last, made by `draft_forwards` forwards:
+        True when they were the draft model's and its schedule took the outcome."""
+        if self.last != "model" or self.model_schedule is None:
+            return False
+        self.model_schedule.update(drafted, kept, draft_forwards)
+        return True

@@ -3,7 +3,10 @@
 A drafter's `propose(sequences, length, sampling)` returns drafts [B, k] with k <= length (k = 0: no draft
 this step) and, for a stochastic drafter, the distributions [B, k, V] they were drawn from; a deterministic
 drafter returns None there, which the acceptance rule reads as a one-hot q. `sampling` is (temperature,
-top_k, top_p, generator) while sampling, None while greedy. The draft model's drafter is in draft_model.py.
+top_k, top_p, generator) while sampling, None while greedy. A drafter running a model counts its forwards
+in `forwards` (the adaptive rule charges them). One keeping a schedule of its own has `verified(drafted,
+kept, draft_forwards)`, called after each verification: True when its own schedule took the outcome, which
+the loop's schedule then does not see. The draft model's drafters are in draft_model.py.
 """
 from __future__ import annotations
 

@@ -30,10 +30,14 @@ class SpeculativeSettings(PluginSettings):
     """Adapt the draft length (+2 after a draft kept whole, -1 otherwise) and pause drafting while it does
     not pay (below); False drafts `max_draft` tokens whenever a match exists."""
     min_tokens_per_forward: float = Field(2.0, ge=1.0, le=64.0)
-    """Adaptive: drafting pauses while a verification forward yields fewer tokens than this on the running
-    average (kept drafts + 1), for a number of steps that doubles each time it pauses again without a draft
-    kept in between. The default is what a forward over 2-8 tokens costs in one-token steps for the default
-    model on 2 cores (README)."""
+    """Adaptive: what a verification forward costs in one-token steps of the target. Drafting pauses while
+    the running average of tokens per step (kept drafts + 1) over the step's cost (this, plus `draft_cost`
+    per draft-model forward) is below 1, for a number of steps that doubles each time it pauses again
+    without a step that paid in between. The default is what a forward over 2-8 tokens costs for the
+    default model on 2 cores (README)."""
+    draft_cost: float | None = Field(None, ge=0.0, le=64.0)
+    """Adaptive, with a draft model: its one-token step in one-token steps of the target. None measures it
+    when the draft model is loaded (a few alternated forwards of each, medians; recorded)."""
 
     @field_validator("draft_run")
     @classmethod
@@ -48,6 +52,9 @@ class SpeculativeSettings(PluginSettings):
             raise ValueError(f"ngram_min ({self.ngram_min}) must not exceed ngram_max ({self.ngram_max})")
         if self.drafter == "model" and self.draft_run is None:
             raise ValueError("drafter 'model' needs speculative.draft_run (the run directory of the draft model)")
+        if self.draft_cost is not None and self.draft_run is None:
+            raise ValueError("draft_cost is set but there is no draft_run: prompt lookup runs no model, so its "
+                             "drafts cost nothing to make")
         if self.drafter == "lookup" and self.draft_run is not None:
             raise ValueError("draft_run is set but drafter is 'lookup', which would not use it; "
                              "set drafter to 'model' or 'auto'")

@@ -87,7 +87,8 @@ def test_another_tokenizer_is_refused_when_loading(draft_run, other_tokenizer_ru
 def test_on_infer_drafts_with_the_run_and_stays_plain_greedy(draft_run):
     target, tokenizer, _ = load_trained_model(draft_run)
     target = target.to(torch.bfloat16).float()  # not the draft's exact weights: some drafts are rejected
-    settings = SpeculativeSettings(drafter="model", draft_run=draft_run, max_draft=4)
+    # The draft is the target's size here, so its measured cost would switch drafting off; 0.1 fixes it.
+    settings = SpeculativeSettings(drafter="model", draft_run=draft_run, max_draft=4, draft_cost=0.1)
     plugin, record = SpeculativePlugin(settings), RecordedEvents()
     speculative = plugin.on_infer(generate=plain, model=target, tokenizer=tokenizer, record=record)
     prompt = torch.tensor([tokenizer.encode("def main():\n    return self.")])
@@ -96,7 +97,19 @@ def test_on_infer_drafts_with_the_run_and_stays_plain_greedy(draft_run):
     assert torch.equal(out, generate(target, prompt, 24))
     started = record.named("speculation")[0]
     assert started["drafting"] == "draft_model" and started["draft_parameters"] > 0
+    assert started["draft_step_cost"] == 0.1 and started["draft_cost_measured"] is False
     assert record.named("generation")[0]["draft_forwards"] > 0 and plugin.totals.accepted > 0
+
+
+def test_the_draft_cost_is_measured_when_not_set_and_recorded(draft_run):
+    target, tokenizer, _ = load_trained_model(draft_run)
+    plugin, record = SpeculativePlugin(SpeculativeSettings(draft_run=draft_run)), RecordedEvents()
+    speculative = plugin.on_infer(generate=plain, model=target, tokenizer=tokenizer, record=record)
+    prompt = torch.tensor([tokenizer.encode("def main():\n    return self.")])
+    assert torch.equal(speculative(prompt, 16), generate(target, prompt, 16))
+    started = record.named("speculation")[0]
+    assert started["draft_cost_measured"] is True and started["draft_step_cost"] > 0
+    assert plugin.model_schedule.draft_cost == started["draft_step_cost"]
 
 
 def test_a_run_validates_the_draft_model_against_plain_decoding(tiny_config, tiny_host, tiny_run, draft_run):
