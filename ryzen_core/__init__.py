@@ -14,7 +14,7 @@ from .hookspecs import hookimpl, hookspec
 from .progress import progress  # eager: a lazy name equal to its module's name would be shadowed by the module
 
 __version__ = "0.1.0"
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 """The plugin API's version: the minor part grows with additions, the major part on a breaking change."""
 
 _LAZY = {

@@ -29,6 +29,12 @@ class Plugin:
 
     Settings: ClassVar[type[BaseModel] | None] = None
 
+    reapply_on_load: bool = False
+    """True when `on_model_load` changes what the model computes (swaps layers for quantized ones, adds
+    sparsity), not only how it runs: the core then calls it again wherever it rebuilds this variant's model
+    from its saved weights (validation workers, the variant's own fidelity reference), before loading them,
+    so they measure the model as trained. A property may decide it from the settings."""
+
     def __init__(self, settings: BaseModel | None = None, context: Any = None):
         self.settings = settings if settings is not None or self.Settings is None else self.Settings()
         self.context = context

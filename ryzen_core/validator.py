@@ -220,8 +220,8 @@ def validate(backends: Mapping[str, Any], baseline: str, prompts_source: torch.T
         "baseline": baseline,
         "backends": [name for name in workers if name not in failures],
         "failures": failures,
-        "workers": {name: {**w.describe(), "plugin_events": w.ready.get("events", []),
-                           "plugin_disabled": w.ready.get("disabled", {})} for name, w in workers.items()},
+        "workers": _described(workers),
+        "reference_workers": _described(references),
         "method": _method(cfg, threads, {w.isolation for w in workers.values()}),
         "config": {"prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens, "batch_sizes": list(cfg.batch_sizes),
                    "perplexity_batches": cfg.perplexity_batches, "perplexity_batch_size": perplexity_batch_size,
@@ -232,6 +232,12 @@ def validate(backends: Mapping[str, Any], baseline: str, prompts_source: torch.T
         "perplexity": perplexities,
         "batches": batches,
     }
+
+
+def _described(workers: Mapping[str, Any]) -> dict[str, Any]:
+    """Each worker as it ran: isolation, facts, and what its plugins recorded and disabled while it was built."""
+    return {name: {**w.describe(), "plugin_events": w.ready.get("events", []),
+                   "plugin_disabled": w.ready.get("disabled", {})} for name, w in workers.items()}
 
 
 INLINE_MEMORY_METHOD = (f"inline backends: this process's RSS polled every {RSS_POLL_S * 1e3:g} ms by a thread during "

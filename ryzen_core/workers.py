@@ -72,36 +72,52 @@ class TorchRecipe:
     variant: str = "baseline"
     plugin_state: dict[str, Any] = field(default_factory=dict)
     """Each class plugin's state_dict, restored on the worker's instance of it."""
+    load_plugins: tuple[str, ...] = ()
+    """Installed plugins whose `on_model_load` is called again before the weights load (`Plugin.reapply_on_load`)."""
 
     def build(self) -> Backend:
         from .checkpoint import load_weights
         from .config import ModelConfig, RunConfig
-        from .context import RunContext
-        from .data import Tokenizer
         from .models.build import build_model
 
         model = build_model(ModelConfig.model_validate(self.model), self.vocab_size)
+        host, config, tokenizer = self._host() if self.load_plugins or self.infer_plugins else (None, None, None)
+        if self.load_plugins:  # the model as trained: its plugins' layers, then its weights
+            host.call_each("on_model_load", self.load_plugins, model=model, tokenizer=tokenizer, config=config,
+                           context=host.contexts[self.variant])
         load_weights(model, Path(self.weights))
         model.eval()
         if self.runner == "hf-generate":
             return HFGenerateBackend(model, self.name)
         if not self.infer_plugins:
-            return torch_backend(model, self.name)
-        host = _installed_host(self.infer_plugins)
+            backend = torch_backend(model, self.name)
+        else:
+            backend = torch_backend(model, self.name, host, self.infer_plugins, tokenizer, config)
+        if host is None:
+            return backend
+        backend.plugin_events = [dict(e.__dict__) for e in host.events]
+        backend.plugin_disabled = dict(host.disabled)
+        backend.plugin_host = host  # what its plugins record while it generates is asked for at the end
+        return backend
+
+    def _host(self):
+        """(host, run config, tokenizer) for this variant's plugins, their settings and state restored."""
+        from .config import RunConfig
+        from .context import RunContext
+        from .data import Tokenizer
+
+        names = tuple(dict.fromkeys([*self.load_plugins, *self.infer_plugins]))
+        host = _installed_host(names)
         models = host.settings_models()
         host.settings = {n: models[n].model_validate(s) for n, s in self.plugin_settings.items() if n in models}
         config = RunConfig.model_validate(self.run_config or {})
         tokenizer = Tokenizer.load(self.tokenizer_dir) if self.tokenizer_dir else None
         # A worker generates only: no prepared data; the run directory is the config's.
         out = Path(config.output.dir) if config.output.dir else Path(".")
-        host.begin_variant(RunContext(config, None, out, out / self.variant, self.variant, list(self.infer_plugins),
-                                      recorder=host.recorder), self.infer_plugins)
+        host.begin_variant(RunContext(config, None, out, out / self.variant, self.variant, list(names),
+                                      recorder=host.recorder), names)
         host.load_plugin_state(self.plugin_state)
-        backend = torch_backend(model, self.name, host, self.infer_plugins, tokenizer, config)
-        backend.plugin_events = [dict(e.__dict__) for e in host.events]
-        backend.plugin_disabled = dict(host.disabled)
-        backend.plugin_host = host  # what its plugins record while it generates is asked for at the end
-        return backend
+        return host, config, tokenizer
 
 
 @dataclass(frozen=True)
@@ -444,15 +460,23 @@ class _Builder:
             self._tokenizer_dir = str(self.workdir / "tokenizer")
         return self._tokenizer_dir
 
+    def reapplied(self, variant: Variant) -> list[str]:
+        """The variant's plugins whose on_model_load a rebuild of its model must call again (reapply_on_load)."""
+        self.host.use_variant(variant.label)
+        return [p for p in self.host.active(variant.plugins) if self.host.implements("on_model_load", p)
+                and getattr(self.host.instance(p), "reapply_on_load", False)]
+
     def build(self, variant: Variant, name: str, infer: list[str], runner: str = "torch") -> Any:
-        not_installed = [p for p in infer if not _installed(self.host, p)]
+        load = self.reapplied(variant)  # the live model has them applied already; a rebuilt one needs them
+        not_installed = [p for p in [*load, *infer] if not _installed(self.host, p)]
         self.host.use_variant(variant.label)  # on_infer runs on this variant's plugin instances
         if self.process and not not_installed:
-            settings = {p: s.model_dump(mode="json") for p in infer if (s := self.host.settings.get(p)) is not None}
+            hosted = [*load, *infer]
+            settings = {p: s.model_dump(mode="json") for p in hosted if (s := self.host.settings.get(p)) is not None}
             recipe = TorchRecipe(name, self.config.model.model_dump(mode="json"), self.tokenizer.vocab_size,
                                  self._weights_file(variant), runner, tuple(infer), settings,
-                                 self.config.dump() if infer else None, self._tokenizer() if infer else None,
-                                 variant.label, self.host.plugin_state() if infer else {})
+                                 self.config.dump() if hosted else None, self._tokenizer() if hosted else None,
+                                 variant.label, self.host.plugin_state() if hosted else {}, tuple(load))
             # Started now when plugins may wrap generation: whether they did decides what is measured.
             cfg = self.config.validate_
             return ProcessWorker(recipe, pinned_threads(cfg), cfg.worker_timeout_s) if infer else recipe

@@ -12,10 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = list(TINY_OVERRIDES)
 
 
-def make_distribution(root: Path, dist_name: str, entry_name: str, module_name: str, module_source: str) -> None:
-    """A minimal installed distribution on `root`: what pip would leave in site-packages."""
+def make_distribution(root: Path, dist_name: str, entry_name: str, module_name: str, module_source: str,
+                      attribute: str | None = None) -> None:
+    """A minimal installed distribution on `root`: what pip would leave in site-packages; its entry point is
+    the module, or `attribute` of it (a Plugin class)."""
     (root / f"{module_name}.py").write_text(textwrap.dedent(module_source))
     info = root / f"{dist_name.replace('-', '_')}-0.3.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 0.3\n")
-    (info / "entry_points.txt").write_text(f"[ryzen.plugins]\n{entry_name} = {module_name}\n")
+    target = f"{module_name}:{attribute}" if attribute else module_name
+    (info / "entry_points.txt").write_text(f"[ryzen.plugins]\n{entry_name} = {target}\n")

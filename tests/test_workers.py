@@ -259,3 +259,49 @@ def test_installed_on_infer_plugins_run_in_the_worker_and_count_only_when_they_w
     (event,) = report["workers"]["torch-wrapped"]["plugin_events"]
     assert event["plugin"] == "wraps" and event["event"] == "wrapped" and event["data"]["pid"] != os.getpid()
     assert report["batches"][0]["backends"]["torch-wrapped"]["export_fidelity"]["token_agreement"] == 1.0
+
+
+NEGATES_MLP = """
+import torch
+from ryzen_core import Plugin, hookimpl
+
+
+class Negated(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return -self.inner(x)
+
+
+class NegatesMlp(Plugin):
+    reapply_on_load = True
+
+    @hookimpl
+    def on_model_load(self, model, record):
+        model.blocks[0].mlp = Negated(model.blocks[0].mlp)
+        record("negated")
+"""
+
+
+def test_a_rebuilt_variant_gets_the_layers_its_reapplied_on_model_load_swapped_in(tmp_path, monkeypatch):
+    make_distribution(tmp_path, "ryzen-plugin-negates", "negates", "negates_mlp", NEGATES_MLP, "NegatesMlp")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(ExtensionManager, "ENTRY_POINT_CACHE", {})
+    host = PluginHost()
+    host.load_installed(["negates"])
+    config = RunConfig.model_validate({"model": {"preset": "tiny"}, "output": {"dir": str(tmp_path / "run")}})
+    host.begin_variant(SimpleNamespace(variant="optimized"), ["negates"])
+    trained = tiny_model(1)
+    host.call_each("on_model_load", ["negates"], model=trained)  # as the trainer did
+    tokenizer = SimpleNamespace(vocab_size=VOCAB, save=train_tokenizer(["def f(x): return x"] * 8, 300, tmp_path).save)
+    plan = plan_variants([Variant("baseline", tiny_model(0), []), Variant("optimized", trained, ["negates"])],
+                         host, config, tokenizer, tmp_path)
+
+    recipe = plan.backends["torch-optimized"]
+    assert isinstance(recipe, TorchRecipe) and recipe.load_plugins == ("negates",)
+    rebuilt = recipe.build().model  # the saved weights' keys (blocks.0.mlp.inner.*) load only into the swapped model
+    assert type(rebuilt.blocks[0].mlp).__name__ == "Negated"
+    prompt = rows(1)[:, :8]
+    assert torch.equal(rebuilt(prompt).logits, trained(prompt).logits)

@@ -88,6 +88,7 @@ class BitNetPlugin(Plugin):
     """One per variant; the model carries the BitLinear layers, the instance what it wrote."""
 
     Settings = BitNetSettings
+    reapply_on_load = True  # a rebuilt model (validation workers, the fidelity reference) is BitLinear again
 
     def __init__(self, settings: BitNetSettings | None = None, context=None):
         super().__init__(settings, context)

@@ -1,5 +1,6 @@
 """The plugin through the host: settings, the swap at model load, a tiny training run, the packed
 file at the end of training, and on_infer's ternary path inside a whole tiny `ryzen run`."""
+import json
 import math
 from importlib.metadata import entry_points
 
@@ -107,3 +108,19 @@ def test_on_infer_returns_a_path_with_its_own_logits_even_without_a_packed_file(
     if inference == "ternary":
         assert events[0]["weights_from"].startswith("quantized from the model")
         assert path.weight_bytes < sum(p.numel() * 4 for p in model.parameters())
+
+
+def test_a_process_isolated_run_checks_the_kernel_against_the_fake_quant_model_it_trained(tiny_config, tiny_run):
+    from ryzen_core.testing import installed_host
+
+    config = tiny_config(plugins=["bitnet"])  # validate.isolation: process, the default
+    run_dir = tiny_run(installed_host(config, "bitnet"), config)
+    report = json.loads((run_dir / "inference_validation_report.json").read_text())
+    reference = report["reference_workers"]["torch-optimized-fp32"]
+    assert reference["isolation"] == "process"
+    assert [(e["hook"], e["event"]) for e in reference["plugin_events"]] == [("on_model_load", "bitlinear")]
+    for batch in report["batches"]:
+        fidelity = batch["backends"]["torch-optimized"]["export_fidelity"]
+        # The reference is rebuilt with on_model_load again (reapply_on_load): BitLinear, not the latent weights.
+        assert fidelity["reference"] == "torch-optimized-fp32"
+        assert fidelity["token_agreement"] == 1.0, fidelity
