@@ -8,7 +8,8 @@ of the target's; plain decoding yields 1 per step, so a step pays when yield / c
 
 The rule, cheap enough to run every step:
 - length: +2 after a draft kept whole, -1 after one cut short (transformers' "heuristic" schedule for
-  assistant tokens), within 1 .. max_draft;
+  assistant tokens), within 1 .. max_draft; it starts at max_draft // 2 for free drafts, at 1 for a draft
+  model's;
 - pause: while the running average of yield / cost (exponentially weighted, half its weight on the last
   step) is below 1, drafting stops for `pause` steps. The pause starts at 4 steps and doubles each time
   drafting pauses again without a step that paid in between; a step that paid resets it. With prompt
@@ -40,9 +41,11 @@ class DraftLength:
             raise ValueError(f"draft_cost must be >= 0, got {draft_cost}")
         self.max_draft, self.adaptive = max_draft, adaptive
         self.verify_cost, self.draft_cost = min_tokens_per_forward, draft_cost
-        self.length = max(1, max_draft // 2) if adaptive else max_draft
-        # An optimistic start: the first drafts are tried as if they were all kept.
-        self.yield_per_cost = (self.length + 1) / self.step_cost(self.length)
+        # A draft model starts at one draft, so that a first try of a useless one costs little; free drafts
+        # at half the most. The running yield starts optimistic: as if half the most were drafted and kept.
+        half = max(1, max_draft // 2)
+        self.length = max_draft if not adaptive else 1 if draft_cost > 0 else half
+        self.yield_per_cost = (half + 1) / self.step_cost(half)
         self.paused_for, self.pause = 0, FIRST_PAUSE
         self.longest_pause = max(FIRST_PAUSE, round(LONGEST_PAUSE_IN_PROBES * (self.step_cost(1) - 1)))
         self.pauses = 0  # times drafting paused, for the record
