@@ -7,10 +7,11 @@ import random
 
 import torch
 
-from ryzen_core import generate
+from ryzen_core import Transformer, generate
 from ryzen_plugin_speculative import PromptLookupDrafter, SpeculationStats, speculative_generate
 from ryzen_plugin_speculative.adaptive import DraftLength
 from ryzen_plugin_speculative.draft_model import DraftModelDrafter, LookupThenModelDrafter
+from ryzen_plugin_speculative.step_cost import measured_draft_cost
 
 
 def run_schedule(schedule: DraftLength, steps: int, kept_of) -> list[int]:
@@ -131,3 +132,11 @@ def test_auto_pauses_a_useless_draft_model_but_not_prompt_lookup(model, prompt_s
         used = {kind: used[kind] + drafter.used[kind] for kind in used}
         assert drafter.forwards == 0
     assert used["lookup"] > 0 and used["model"] == 0
+
+
+def test_the_draft_cost_is_measured_for_either_architecture(model, make_tiny_model, tokenizer):
+    """A step-time ratio from cached one-token forwards of a built-in model and a Llama, either way round;
+    its value is the machine's, so only that it is one is asserted."""
+    other = make_tiny_model("llama" if isinstance(model, Transformer) else "builtin", tokenizer.vocab_size, seed=5)
+    for target, draft in ((model, other), (other, model)):
+        assert 0 < measured_draft_cost(target, draft) < float("inf")
