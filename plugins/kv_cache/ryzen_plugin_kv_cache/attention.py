@@ -58,21 +58,31 @@ def per_token_key_scores(q: torch.Tensor, keys: QuantizedTensor) -> torch.Tensor
     """q [B, H, 1, D] . keys quantized per token (codes [B, H, tokens, G, C]) -> [B, H, 1, tokens]."""
     groups = keys.scale.shape[3]
     rows = q if groups == 1 else q * torch.eye(groups, dtype=q.dtype).repeat_interleave(q.shape[-1] // groups, dim=1)
-    per_group = _times_codes(rows, keys.codes.flatten(3), keys.bits)  # [B, H, G, tokens]
-    scale, offset = keys.scale.squeeze(-1).float(), keys.offset().squeeze(-1)  # [B, H, tokens, G]
+    dots = _times_codes(rows, keys.codes.flatten(3), keys.bits).transpose(-1, -2)  # [B, H, tokens, G]
     query_sums = q.unflatten(-1, (groups, -1)).sum(-1)  # [B, H, 1, G]
-    return (per_group.transpose(-1, -2) * scale + offset * query_sums).sum(-1).unsqueeze(2)
+    # The stored fp16 / uint8 metadata enter the fp32 arithmetic directly (type promotion), with no
+    # converted copy: every pass over [B, H, tokens] is one more parallel region, which costs the most
+    # when the machine is shared.
+    scale = keys.scale.squeeze(-1)
+    if keys.zero_point is not None:  # s * (q . c - z * sum(q))
+        scores = torch.addcmul(dots, keys.zero_point.squeeze(-1), -query_sums).mul_(scale)
+    else:  # s * (q . c) + m * sum(q)
+        scores = torch.addcmul(keys.minimum.squeeze(-1) * query_sums, dots, scale)
+    return (scores if groups == 1 else scores.sum(-1, keepdim=True)).transpose(-1, -2)
 
 
 def weighted_values(weights: torch.Tensor, values: QuantizedTensor) -> torch.Tensor:
     """weights [B, H, 1, tokens] @ quantized values (codes [B, H, tokens, groups, group channels]) -> [B, H, 1, D]."""
     groups = values.scale.shape[3]
-    scale, minimum = values.scale.squeeze(-1).float(), values.offset().squeeze(-1)  # [B, H, T, groups]
-    scaled = (weights.transpose(-1, -2) * scale).transpose(-1, -2)  # [B, H, groups, T]
-    every_group = _codes_times(scaled, values.codes.flatten(3), values.bits)  # [B, H, groups, groups * C]
+    per_token = weights.transpose(-1, -2)  # [B, H, T, 1]
+    scaled = per_token * values.scale.squeeze(-1)  # p * s: [B, H, T, groups]
+    every_group = _codes_times(scaled.transpose(-1, -2), values.codes.flatten(3), values.bits)  # [B, H, groups, groups * C]
     own_group = every_group.unflatten(-1, (groups, -1)).diagonal(dim1=2, dim2=3).transpose(-1, -2)  # [B, H, groups, C]
-    offset = (weights @ minimum).transpose(-1, -2)  # [B, H, groups, 1]
-    return (own_group + offset).flatten(2).unsqueeze(2)
+    if values.zero_point is not None:  # sum_t p s (c - z)
+        offset = -(scaled * values.zero_point.squeeze(-1)).sum(2)  # [B, H, groups]
+    else:  # sum_t p (s c + m)
+        offset = (per_token * values.minimum.squeeze(-1)).sum(2)
+    return (own_group + offset.unsqueeze(-1)).flatten(2).unsqueeze(2)
 
 
 def causal_mask(new: int, total: int, device) -> torch.Tensor | None:
@@ -89,8 +99,9 @@ def attend_quantized(q: torch.Tensor, keys: QuantizedTensor, values: QuantizedTe
     if q.shape[2] != 1:
         raise ValueError(f"attention against the codes takes one query per row, got {q.shape[2]}")
     quantized_tokens = values.codes.shape[2]
+    q = q * (1 / math.sqrt(q.shape[-1]))  # on the query: one pass fewer over the scores
     scores = torch.cat([key_scores(q, keys), q @ recent_keys.float().transpose(-1, -2)], dim=-1)
-    weights = (scores * (1 / math.sqrt(q.shape[-1]))).softmax(dim=-1)
+    weights = scores.softmax(dim=-1)
     return (weighted_values(weights[..., :quantized_tokens], values)
             + weights[..., quantized_tokens:] @ recent_values.float())
 

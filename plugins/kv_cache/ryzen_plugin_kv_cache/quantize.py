@@ -47,6 +47,14 @@ class QuantizedTensor:
         """fp32, the input's shape."""
         return torch.addcmul(self.offset(), self.unpacked_codes().float(), self.scale.float())
 
+    def unstack(self) -> list["QuantizedTensor"]:
+        """The tensors stacked along dim 0 (quantized together), each with storage of its own."""
+        parts = [part.unbind(0) if part is not None else [None] * len(self.codes) for part in
+                 (self.codes, self.scale, self.minimum, self.zero_point)]
+        return [QuantizedTensor(*(None if t is None else t.clone() for t in (codes, scale, minimum)), self.bits,
+                                self.dim, None if zero is None else zero.clone())
+                for codes, scale, minimum, zero in zip(*parts)]
+
     def stored(self) -> list[torch.Tensor]:
         return [t for t in (self.codes, self.scale, self.minimum, self.zero_point) if t is not None]
 
