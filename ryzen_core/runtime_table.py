@@ -23,12 +23,13 @@ import numpy as np
 
 from .measure import compare_pairs, format_ratio
 
-QUALITY_CLASSES = ("fp32-exact", "16-bit", "8-bit", "4-bit", "other")
+QUALITY_CLASSES = ("fp32-exact", "16-bit", "8-bit", "4-bit", "ternary", "other")
 _PRECISION_CLASS = {
     "fp32-exact": {"fp32", "float32", "f32", "float"},
     "16-bit": {"fp16", "f16", "float16", "bf16", "bfloat16", "int8_bfloat16"},
     "8-bit": {"int8", "q8_0", "int8_float32", "int8_float16", "int8-dynamic", "qint8"},
     "4-bit": {"int4", "q4_0", "q4_1", "q4_k", "q4_k_m", "nf4", "int4-weight"},
+    "ternary": {"ternary", "tq2_0", "tq1_0", "i2_s"},  # BitNet b1.58 weights, 1.6-2 bits each
 }
 MIB = 1024 * 1024
 

@@ -38,7 +38,7 @@ def _bandwidth(working_set: int) -> float:
 
 @pytest.mark.parametrize("precision, expected", [("fp32", "fp32-exact"), ("float32", "fp32-exact"), ("F16", "16-bit"),
                                                  ("Q8_0", "8-bit"), ("int8", "8-bit"), ("int4", "4-bit"),
-                                                 ("Q4_0", "4-bit"), (None, "other"), ("weird", "other")])
+                                                 ("Q4_0", "4-bit"), ("TQ2_0", "ternary"), ("ternary", "ternary"), (None, "other"), ("weird", "other")])
 def test_quality_class(precision, expected):
     assert quality_class(precision) == expected
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import cpp_kernel
+from .head import quantize_head
 from .packed import load_packed
 from .quant import BitLinear, quantizable_linears, quantized_input, replace_module, ternary_weights
 
@@ -142,13 +143,16 @@ def kernel_description(model: nn.Module) -> str:
 
 
 def ternary_model(model: nn.Module, packed: dict | None = None, input_norm: bool = True,
-                  kernel: str | None = None) -> nn.Module:
+                  kernel: str | None = None, head: str = "fp32") -> nn.Module:
     """A copy of `model` (BitLinear or plain Linear layers) with each quantized layer a TernaryLinear.
 
     With `packed` (from `load_packed`) the weights come from it, after checking they are exactly the
     quantization of the model's own weights (a stale file is an error, not a silent other model).
-    `kernel` as TernaryLinear's."""
+    `kernel` as TernaryLinear's; `head` "int8" quantizes the LM head too (head.py; `model.head_kind` says
+    what it became), "fp32" keeps it."""
     copied = copy.deepcopy(model).eval()
+    if head not in ("fp32", "int8"):
+        raise ValueError(f"head must be fp32 or int8, not {head!r}")
     names = quantizable_linears(copied)
     if packed is not None and set(packed) != set(names):
         raise ValueError(f"packed weights hold layers {sorted(packed)[:3]}..., the model quantizes {names[:3]}...")
@@ -162,8 +166,10 @@ def ternary_model(model: nn.Module, packed: dict | None = None, input_norm: bool
                 raise ValueError(f"packed weights of {name} are not the quantized weights of this model")
         norm = layer.input_norm if isinstance(layer, BitLinear) else input_norm
         replace_module(copied, name, TernaryLinear(t.to(torch.int8), scale, bias, norm, kernel))
+    copied.head_kind = quantize_head(copied) if head == "int8" else "fp32"
     return copied
 
 
-def load_ternary_model(model: nn.Module, path, input_norm: bool = True, kernel: str | None = None) -> nn.Module:
-    return ternary_model(model, load_packed(path), input_norm, kernel)
+def load_ternary_model(model: nn.Module, path, input_norm: bool = True, kernel: str | None = None,
+                       head: str = "fp32") -> nn.Module:
+    return ternary_model(model, load_packed(path), input_norm, kernel, head)

@@ -23,6 +23,7 @@ from ryzen_core import generate as torch_generate
 
 from .cpp_kernel import KernelUnavailable
 from .kernel import kernel_description, ternary_model
+from .llama_decoder import decoder_for
 from .packed import FILE_NAME, load_packed, save_packed
 from .quant import BitLinear, quantizable_linears, swap_in_bitlinear
 
@@ -42,19 +43,28 @@ class BitNetSettings(PluginSettings):
     """Write ternary.safetensors (2 bits per weight) into the variant directory at the end of training."""
     inference: Literal["ternary", "fake-quant"] = "ternary"
     """What the validator runs: the ternary kernel on the packed weights, or training's fake quantization."""
+    head: Literal["int8", "fp32"] = "int8"
+    """The ternary inference model's LM head: int8 weights per row with int8 activations (head.py; a quarter
+    of the bytes a decode step reads there), or the trained fp32 head (`inference: fake-quant` always keeps it)."""
+    lean_decoder: bool = True
+    """A ternary HF Llama decodes through llama_decoder.py's lean step (same arithmetic, a third of the Python
+    operations of transformers' modules); false, or any other model: Ryzen's generic KV-cache loop."""
     kernel: Literal["auto", "cpp", "torch"] = "auto"
     """The ternary product: the C++ 2-bit kernel where it builds, else torch's int8 one (`auto`); only the C++
     one (an error where it cannot be built); or only torch's int8 one."""
 
 
 class ModelPath:
-    """A model the validator generates with and reads logits from (the ternary copy, or the fake-quant one)."""
+    """A model the validator generates with and reads logits from (the ternary copy, or the fake-quant one);
+    `generate` defaults to Ryzen's KV-cache loop."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model.eval()
+    def __init__(self, model: torch.nn.Module, generate=None):
+        self.model, self._generate = model.eval(), generate
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens, **sampling):
+        if self._generate is not None:
+            return self._generate(input_ids, max_new_tokens, **sampling)
         return torch_generate(self.model, input_ids, max_new_tokens, **sampling)
 
     @torch.inference_mode()
@@ -70,7 +80,11 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
     if head is not None:
         lookup.discard(id(head.weight))
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in lookup)
+    # torch's dynamic int8 Linear (the int8 head) keeps its weight in packed params, not parameters:
+    # int8 weight plus a float scale per row
+    packed = sum(m.weight().numel() + 4 * m.out_features for m in model.modules()
+                 if callable(getattr(m, "weight", None)) and hasattr(m, "_packed_params"))
+    return packed + sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in lookup)
 
 
 def bytes_table(stats: dict) -> str:
@@ -163,15 +177,20 @@ class BitNetPlugin(Plugin):
         packed = load_packed(file) if file is not None and file.is_file() else None
         kernel = None if self.settings.kernel == "auto" else self.settings.kernel
         try:
-            ternary = ModelPath(ternary_model(model, packed, self.input_norm, kernel))
+            inference_model = ternary_model(model, packed, self.input_norm, kernel, self.settings.head)
         except KernelUnavailable as exc:
             raise PluginError(f"bitnet.kernel=cpp: {exc}") from None
+        decoder, why_not = (decoder_for(inference_model) if self.settings.lean_decoder
+                            else (None, "bitnet.lean_decoder is false"))
+        ternary = ModelPath(inference_model, None if decoder is None else decoder.generate)
+        loop = "lean Llama step (llama_decoder.py)" if decoder is not None else f"Ryzen's KV-cache loop ({why_not})"
         kernels = sorted({m.kernel for m in ternary.model.modules() if hasattr(m, "kernel")})
         description = kernel_description(ternary.model)
         path = InferencePath(ternary.generate, logits=ternary.logits)
         path.precision, path.weight_bytes = "ternary", decode_weight_bytes(ternary.model)
         path.kernel = description
-        record("inference", path="ternary", kernel=description, kernels=kernels, weight_bytes=path.weight_bytes,
+        record("inference", path="ternary", kernel=description, kernels=kernels, head=ternary.model.head_kind, loop=loop,
+               weight_bytes=path.weight_bytes,
                weights_from=str(file) if packed is not None else "quantized from the model (no packed file)",
                note="replaces generation with the ternary model")
         log.info("bitnet: generating with the ternary model, kernel: %s; weights from %s", description,

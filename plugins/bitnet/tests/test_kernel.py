@@ -101,3 +101,33 @@ def test_a_plain_model_is_quantized_like_its_bitlinear_twin():
     ids = torch.randint(0, 64, (1, 8))
     with torch.no_grad():
         assert torch.equal(lm_logits(ternary_model(plain), ids), lm_logits(ternary_model(twin), ids))
+
+
+@pytest.mark.parametrize("llama", [False, True])
+def test_the_int8_head_reads_a_quarter_of_the_bytes_and_keeps_the_logits_close(llama):
+    from ryzen_plugin_bitnet.plugin import decode_weight_bytes
+
+    torch.manual_seed(0)
+    model = (hf_model_from_config(tiny_llama_config(vocab_size=512)) if llama else
+             Transformer(TransformerConfig(vocab_size=512, d_model=64, n_heads=2, n_layers=1, d_ff=128,
+                                           context_length=32)))
+    embed = (lambda m: m.get_input_embeddings()) if llama else (lambda m: m.tok_emb)
+    embedding = embed(model).weight.detach().clone()
+    full, int8 = ternary_model(model, kernel="int32"), ternary_model(model, kernel="int32", head="int8")
+    assert full.head_kind == "fp32" and int8.head_kind.startswith("int8"), int8.head_kind
+    assert torch.equal(embed(int8).weight, embedding)  # a tied embedding is left as it was
+    head = model.lm_head.weight
+    assert decode_weight_bytes(full) - decode_weight_bytes(int8) == 3 * head.numel() - 4 * head.shape[0]
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference, quantized = lm_logits(full, ids), lm_logits(int8, ids)
+    assert not torch.equal(reference, quantized)  # the head really changed
+    error = (quantized - reference).abs().max() / reference.abs().max()
+    assert error < 0.05, float(error)
+    assert (quantized.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+def test_an_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="head must be fp32 or int8"):
+        ternary_model(Transformer(TransformerConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=1, d_ff=32,
+                                                    context_length=16)), head="int4")

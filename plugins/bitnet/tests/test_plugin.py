@@ -69,6 +69,8 @@ def test_a_whole_tiny_run_packs_reports_and_validates_the_ternary_path(tiny_conf
     events = {e.event: e.data for e in host.events if e.plugin == "bitnet"}
     assert events["packed"]["round_trip_exact"] is True
     assert events["inference"]["path"] == "ternary" and events["inference"]["weights_from"] == str(packed)
+    assert events["inference"]["head"].startswith("int8")  # the default inference head
+    assert events["inference"]["loop"].startswith("Ryzen's KV-cache loop (not a LlamaForCausalLM")
     kernel, status = events["inference"]["kernel"], cpp_kernel.load()  # test_cpp_kernel.py fails a broken build
     if status.available:
         assert kernel == status.name
@@ -93,7 +95,7 @@ def test_on_train_end_writes_the_packed_file_and_a_report_section(tmp_path, tiny
 @pytest.mark.parametrize("inference", ["ternary", "fake-quant"])
 def test_on_infer_returns_a_path_with_its_own_logits_even_without_a_packed_file(tmp_path, tiny_config, inference):
     model = small_model()  # a validation worker's model: plain Linear layers holding the latent weights
-    plugin = BitNetPlugin(BitNetSettings(inference=inference),
+    plugin = BitNetPlugin(BitNetSettings(inference=inference, head="fp32"),  # the trained head: logits to 1e-4
                           RunContext(tiny_config(), None, tmp_path, tmp_path / "nothing-here", "optimized"))
     events = []
     path = plugin.on_infer(model, lambda event, **data: events.append(data), plugin.context)
@@ -113,7 +115,7 @@ def test_on_infer_returns_a_path_with_its_own_logits_even_without_a_packed_file(
 def test_a_process_isolated_run_checks_the_kernel_against_the_fake_quant_model_it_trained(tiny_config, tiny_run):
     from ryzen_core.testing import installed_host
 
-    config = tiny_config(plugins=["bitnet"])  # validate.isolation: process, the default
+    config = tiny_config("bitnet.head=fp32", plugins=["bitnet"])  # validate.isolation: process, the default
     run_dir = tiny_run(installed_host(config, "bitnet"), config)
     report = json.loads((run_dir / "inference_validation_report.json").read_text())
     reference = report["reference_workers"]["torch-optimized-fp32"]

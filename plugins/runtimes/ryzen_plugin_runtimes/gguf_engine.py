@@ -20,7 +20,8 @@ from .loop import check_request, decode_loop, default_threads
 from .manifest import EngineSkipped, write_manifest
 
 ENGINE = "llamacpp"
-PRECISIONS = ("F16", "Q8_0", "Q4_0")
+PRECISIONS = ("F16", "Q8_0", "Q4_0", "TQ2_0")
+TERNARY = ("TQ2_0",)  # llama.cpp's lossless format for BitNet b1.58 weights; lossy for any other model
 MODEL_FILE = "model.gguf"
 ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama"}
 CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -135,7 +136,8 @@ def rope_permute(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def add_weight(writer, name: str, tensor: np.ndarray, precision: str) -> None:
     """Matrices in `precision`; vectors and position embeddings in float32, and matrices whose rows do not
-    fill whole quantization blocks in float16 (the block formats cannot hold them)."""
+    fill whole quantization blocks in float16 (the block formats cannot hold them), as are a ternary file's
+    embeddings and LM head."""
     import gguf
 
     if tensor.ndim == 1 or name.startswith("position_embd"):
@@ -143,7 +145,9 @@ def add_weight(writer, name: str, tensor: np.ndarray, precision: str) -> None:
         return
     qtype = getattr(gguf.GGMLQuantizationType, precision)
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if precision == "F16" or tensor.shape[-1] % block:
+    # A ternary model keeps its embeddings and LM head in full precision (BitNet b1.58); F16 as bitnet.cpp does.
+    full_precision = precision in TERNARY and name.split(".")[0] in ("token_embd", "output")
+    if precision == "F16" or full_precision or tensor.shape[-1] % block:
         writer.add_tensor(name, tensor.astype(np.float16))
         return
     writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)

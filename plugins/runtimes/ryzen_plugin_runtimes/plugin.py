@@ -33,8 +33,9 @@ class RuntimesSettings(PluginSettings):
     """Engines to build, each only where it is installed."""
     ctranslate2: list[Literal["float32", "int8"]] = ["float32", "int8"]
     """CTranslate2 weight types (int8 runs with int8 weights and float32 everything else)."""
-    llamacpp: list[Literal["F16", "Q8_0", "Q4_0"]] = ["F16", "Q8_0", "Q4_0"]
-    """GGUF weight types for llama.cpp."""
+    llamacpp: list[Literal["F16", "Q8_0", "Q4_0", "TQ2_0"]] = ["F16", "Q8_0", "Q4_0"]
+    """GGUF weight types for llama.cpp. TQ2_0 (2.06 bits/weight, ternary per block of 256) is exact only for a
+    BitNet-trained model (the bitnet plugin's weights) and keeps embeddings and LM head in F16."""
     openvino: list[Literal["fp32", "int8", "int4"]] = ["fp32", "int8", "int4"]
     """OpenVINO weight types (int8/int4 through nncf's weight compression)."""
     genai: list[Literal["fp32", "int8", "int4"]] = ["int8", "int4"]

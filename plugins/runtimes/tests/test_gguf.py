@@ -87,6 +87,37 @@ def test_weights_round_trip_within_the_precision(source, tmp_path, precision, to
             assert types[name] == precision, name
 
 
+def test_tq2_0_holds_ternary_weights_and_keeps_embeddings_and_head_in_f16(tokenizer, tmp_path):
+    """llama.cpp's ternary format: weights already ternary per tensor (t * scale, as the bitnet plugin trains
+    them) read back as themselves, up to the fp16 block scale; embeddings and LM head stay F16."""
+    import json
+
+    from ryzen_core import hf_model_from_config, tiny_llama_config
+
+    torch.manual_seed(0)  # rows of 256 and 512: whole TQ2_0 blocks
+    model = hf_model_from_config(tiny_llama_config(vocab_size=tokenizer.vocab_size, hidden=256, layers=1, heads=4,
+                                                   kv_heads=2, intermediate=512))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                scale = module.weight.abs().mean()
+                module.weight.copy_((module.weight / scale).round().clamp(-1, 1) * scale)
+    directory = write_hf_source(model, tokenizer, tmp_path / "hf")
+    _, tensors, types = read(write_gguf(directory, tmp_path / "model.gguf", "TQ2_0"))
+    expected = hf_tensors(directory, json.loads((directory / "config.json").read_text()))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
+    for hf_name, weight in expected.items():
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if weight.ndim == 1:
+            continue
+        if name.split(".")[0] in ("token_embd", "output"):
+            assert types[name] == "F16", name
+            continue
+        assert types[name] == "TQ2_0", name
+        got = tensors[name].reshape(weight.shape)
+        assert np.allclose(got, weight, rtol=1e-3, atol=0), name  # the per-block scale is stored in fp16
+
+
 def test_rope_permutation_is_a_reordering_of_rows():
     weight = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
     permuted = rope_permute(weight, heads=2)
