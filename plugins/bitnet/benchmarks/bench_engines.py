@@ -157,7 +157,7 @@ def markdown(report: dict, paired: dict, args, skipped: dict) -> str:
             rows.append([name, f"{result['decode_tokens_per_s']['p50']:.1f}", f"{result['memory']['peak_rss_mib']:.0f}",
                          "-" if ratio is None else format_ratio(ratio)])
         busy = "; ".join(batch["conditions"].get("reasons", [])) or "quiet"
-        lines += [f"Batch {b}, {batch['rounds']} rounds, highest 1-minute load average "
+        lines += [f"Batch {b}, {batch['rounds']['rounds']} rounds, highest 1-minute load average "
                   f"{batch['conditions']['load_1m_max']:.2f} ({busy}):", "",
                   markdown_table(["backend", "decode tok/s p50", "peak RSS MiB", "ternary vs this [95%]"], rows), ""]
     if skipped:
