@@ -1,5 +1,5 @@
-"""A quantized KV cache for Ryzen (KIVI-style: keys per channel, values per token, in groups with fp16
-scales and minima, the newest tokens in fp32), attended against directly or through a reused
+"""A quantized KV cache for Ryzen (KIVI-style: values per token, keys per token (int8) or per channel
+(4-bit), fp16 scales, the newest unquantized tokens in fp16), attended against directly or through a reused
 dequantization scratch."""
 
 from .cache import QuantizedKVCache

@@ -1,7 +1,7 @@
 """The kvcache plugin (entry-point name `kvcache`): one `KVCachePlugin` per variant.
 
 - on_infer: replaces the variant's generation with the same loop over a quantized KV cache (int8 or
-  4-bit, KIVI grouping, fp16 metadata, the newest tokens in fp16) on the same model; records the settings
+  4-bit, KIVI-style grouping, fp16 scales, the newest tokens in fp16) on the same model; records the settings
   once and, after every generation, the KV bytes per token of the quantized cache against fp32 and bf16
   (measured from the stored tensors) and the size of the dequantization scratch, if one was used.
 
