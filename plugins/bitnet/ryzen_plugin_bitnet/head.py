@@ -4,31 +4,33 @@ codes of all twelve layers of a 100M model). In int8 it reads a quarter of that.
 
 The head becomes torch's dynamic int8 Linear (fbgemm/oneDNN through `quantize_dynamic`): int8 weights with a
 scale per output row, activations quantized per call. Only the inference copy changes; training and the
-packed file keep the fp32 head. Where torch no longer has that path the head stays fp32 and the reason says so.
+packed file keep the fp32 head. Where torch no longer has that path the head stays fp32 and a warning says why.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 
-import torch
 import torch.nn as nn
 
-
-def output_head(model: nn.Module) -> tuple[nn.Module, str] | None:
-    """(the model's LM head Linear, its attribute name on the model), or None."""
-    for name in ("lm_head",):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            return head, name
-    return None
+INT8 = "int8 (per-row weights, dynamic activations)"
+log = logging.getLogger(__name__)
 
 
-def quantize_head(model: nn.Module) -> str:
-    """Replace `model`'s LM head with a dynamic int8 one, in place; returns what the head now is."""
-    found = output_head(model)
-    if found is None:
-        return "fp32 (no lm_head Linear found)"
-    head, name = found
+def head_kind(model: nn.Module) -> str:
+    """What `model`'s LM head is: INT8, `fp32`, or `none` (no `lm_head` module)."""
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        return "none"
+    return INT8 if hasattr(head, "_packed_params") else "fp32"
+
+
+def quantize_head(model: nn.Module) -> None:
+    """Replace `model.lm_head` (a Linear: the built-in Transformer's and HF causal LMs') with a dynamic int8
+    one, in place; where torch cannot, it stays fp32 and a warning says why."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear):
+        return
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notices, every call
@@ -38,6 +40,7 @@ def quantize_head(model: nn.Module) -> str:
             plain.load_state_dict(head.state_dict())  # a copy: the weight may be tied to the embedding
             quantized = quantize_dynamic(nn.Sequential(plain), {nn.Linear: per_channel_dynamic_qconfig})[0]
     except (ImportError, AttributeError, RuntimeError) as exc:
-        return f"fp32 (int8 head unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-    setattr(model, name, quantized)
-    return "int8 (per-row weights, dynamic activations)"
+        log.warning("bitnet: the LM head stays fp32: torch's dynamic int8 Linear is unavailable (%s: %s)",
+                    type(exc).__name__, str(exc).splitlines()[0][:120])
+        return
+    model.lm_head = quantized

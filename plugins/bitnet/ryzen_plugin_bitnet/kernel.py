@@ -148,8 +148,8 @@ def ternary_model(model: nn.Module, packed: dict | None = None, input_norm: bool
 
     With `packed` (from `load_packed`) the weights come from it, after checking they are exactly the
     quantization of the model's own weights (a stale file is an error, not a silent other model).
-    `kernel` as TernaryLinear's; `head` "int8" quantizes the LM head too (head.py; `model.head_kind` says
-    what it became), "fp32" keeps it."""
+    `kernel` as TernaryLinear's; `head` "int8" quantizes the LM head too (head.py; `head_kind` says what it
+    became), "fp32" keeps it."""
     copied = copy.deepcopy(model).eval()
     if head not in ("fp32", "int8"):
         raise ValueError(f"head must be fp32 or int8, not {head!r}")
@@ -166,7 +166,8 @@ def ternary_model(model: nn.Module, packed: dict | None = None, input_norm: bool
                 raise ValueError(f"packed weights of {name} are not the quantized weights of this model")
         norm = layer.input_norm if isinstance(layer, BitLinear) else input_norm
         replace_module(copied, name, TernaryLinear(t.to(torch.int8), scale, bias, norm, kernel))
-    copied.head_kind = quantize_head(copied) if head == "int8" else "fp32"
+    if head == "int8":
+        quantize_head(copied)
     return copied
 
 

@@ -22,6 +22,7 @@ from ryzen_core import (InferencePath, Plugin, PluginError, PluginSettings, Repo
 from ryzen_core import generate as torch_generate
 
 from .cpp_kernel import KernelUnavailable
+from .head import head_kind
 from .kernel import kernel_description, ternary_model
 from .llama_decoder import decoder_for
 from .packed import FILE_NAME, load_packed, save_packed
@@ -189,7 +190,8 @@ class BitNetPlugin(Plugin):
         path = InferencePath(ternary.generate, logits=ternary.logits)
         path.precision, path.weight_bytes = "ternary", decode_weight_bytes(ternary.model)
         path.kernel = description
-        record("inference", path="ternary", kernel=description, kernels=kernels, head=ternary.model.head_kind, loop=loop,
+        record("inference", path="ternary", kernel=description, kernels=kernels, head=head_kind(ternary.model),
+               loop=loop,
                weight_bytes=path.weight_bytes,
                weights_from=str(file) if packed is not None else "quantized from the model (no packed file)",
                note="replaces generation with the ternary model")
