@@ -71,16 +71,9 @@ class _Output:
 
     def emit(self, tokens: torch.Tensor) -> None:
         """Append tokens [B, m], one position at a time, stopping at the budget or when every row ended."""
-        for column in tokens.to(self.sequence.dtype).unbind(dim=1):
-            if self.eos_token_id is not None:
-                column = column.masked_fill(self.finished, self.eos_token_id)
-                self.finished |= column == self.eos_token_id
-            self.sequence = torch.cat([self.sequence, column.unsqueeze(1)], dim=1)
-            if self.on_token is not None:
-                self.on_token(self.produced)
-            self.produced += 1
-            if self.produced >= self.max_new_tokens or (self.eos_token_id is not None and bool(self.finished.all())):
-                self.done = True
+        for column in tokens.unbind(dim=1):
+            self.emit_one(column)
+            if self.done:
                 return
 
 
