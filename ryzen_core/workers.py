@@ -77,7 +77,7 @@ class TorchRecipe:
 
     def build(self) -> Backend:
         from .checkpoint import load_weights
-        from .config import ModelConfig, RunConfig
+        from .config import ModelConfig
         from .models.build import build_model
 
         model = build_model(ModelConfig.model_validate(self.model), self.vocab_size)
@@ -89,10 +89,7 @@ class TorchRecipe:
         model.eval()
         if self.runner == "hf-generate":
             return HFGenerateBackend(model, self.name)
-        if not self.infer_plugins:
-            backend = torch_backend(model, self.name)
-        else:
-            backend = torch_backend(model, self.name, host, self.infer_plugins, tokenizer, config)
+        backend = torch_backend(model, self.name, host, self.infer_plugins, tokenizer, config)  # plain without plugins
         if host is None:
             return backend
         backend.plugin_events = [dict(e.__dict__) for e in host.events]
@@ -467,9 +464,10 @@ class _Builder:
                 and getattr(self.host.instance(p), "reapply_on_load", False)]
 
     def build(self, variant: Variant, name: str, infer: list[str], runner: str = "torch") -> Any:
-        load = self.reapplied(variant)  # the live model has them applied already; a rebuilt one needs them
+        # on_infer runs on this variant's plugin instances (reapplied() selects the variant); the live model
+        # has the reapplied layers already, a rebuilt one needs them
+        load = self.reapplied(variant)
         not_installed = [p for p in [*load, *infer] if not _installed(self.host, p)]
-        self.host.use_variant(variant.label)  # on_infer runs on this variant's plugin instances
         if self.process and not not_installed:
             hosted = [*load, *infer]
             settings = {p: s.model_dump(mode="json") for p in hosted if (s := self.host.settings.get(p)) is not None}

@@ -150,9 +150,9 @@ def ternary_model(model: nn.Module, packed: dict | None = None, input_norm: bool
     quantization of the model's own weights (a stale file is an error, not a silent other model).
     `kernel` as TernaryLinear's; `head` "int8" quantizes the LM head too (head.py; `head_kind` says what it
     became), "fp32" keeps it."""
-    copied = copy.deepcopy(model).eval()
     if head not in ("fp32", "int8"):
         raise ValueError(f"head must be fp32 or int8, not {head!r}")
+    copied = copy.deepcopy(model).eval()
     names = quantizable_linears(copied)
     if packed is not None and set(packed) != set(names):
         raise ValueError(f"packed weights hold layers {sorted(packed)[:3]}..., the model quantizes {names[:3]}...")
